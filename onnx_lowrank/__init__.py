@@ -1,0 +1,1 @@
+"""onnx-lowrank: rewrite convolutions into low-rank op chains."""

@@ -1,0 +1,1 @@
+"""Pure-numpy factorizations; this package never imports onnx."""
