@@ -1,1 +1,19 @@
-"""onnx-lowrank: rewrite convolutions into low-rank op chains."""
+"""onnx-lowrank: rewrite the convolutions of an ONNX model into faster low-rank op chains."""
+
+from __future__ import annotations
+
+from .api import inspect, optimize
+from .config import OptimizeConfig, RankSpec
+from .errors import LowRankError
+from .report import LayerRecord, Report
+
+__all__ = [
+    "LayerRecord",
+    "LowRankError",
+    "OptimizeConfig",
+    "RankSpec",
+    "Report",
+    "inspect",
+    "optimize",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,251 @@
+"""The Python API: optimize(model | path | gs.Graph) -> (same kind, Report), and inspect()."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .config import OptimizeConfig
+from .cost import model_macs
+from .decompose.rank import rank_for_energy
+from .errors import LowRankError
+from .graph import (
+    check_model,
+    infer_shapes,
+    load_model,
+    pin_input_shapes,
+    real_inputs,
+    save_model,
+    weight_bytes,
+)
+from .passes import CONV_PASSES
+from .passes.base import read_conv
+from .passes.gemm import FcSVDPass, read_fc
+from .report import LayerRecord, Report
+from .runtime import random_inputs
+from .validate import compare
+
+log = logging.getLogger(__name__)
+
+LEFT_ALONE = {"ConvTranspose", "QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulInteger"}
+FC_OPS = ("Gemm", "MatMul")
+
+
+def optimize(
+    model: onnx.ModelProto | str | os.PathLike | gs.Graph,
+    config: OptimizeConfig | None = None,
+    output: str | os.PathLike | None = None,
+    **options: Any,
+):
+    """Rewrite every Conv (and Gemm/MatMul) the config allows into its low-rank chain.
+
+    `model` is an onnx.ModelProto, a path, or an onnx-graphsurgeon Graph; a Graph gives back a
+    Graph, the others a ModelProto. Options mirror the CLI flags (method=, rank=, ranks=,
+    energy=, max_error=, speedup=, force=, fc=, input_shapes=, check=, tolerance=, seed=, ...)
+    when no `config` is given. With `output`, the model is also written there atomically."""
+    config = config or OptimizeConfig.from_options(**options)
+    original, external = _as_model(model)
+    pinned = _pinned_copy(original, config)
+    graph = gs.import_onnx(infer_shapes(pinned))
+    records = rewrite_graph(graph, config)
+    graph.toposort()
+    result = _finalize(pinned, graph)
+    report = Report(records=records, config=config.to_dict())
+    report.totals = _totals(pinned, result)
+    if config.check:
+        report.validation = _check(pinned, result, config)
+    if output is not None:
+        save_model(result, output, external=external)
+        report.totals["file_bytes_after"] = os.path.getsize(output)
+    if isinstance(model, gs.Graph):
+        return gs.import_onnx(result), report
+    return result, report
+
+
+def rewrite_graph(graph: gs.Graph, config: OptimizeConfig) -> list[LayerRecord]:
+    """Apply the configured passes to every candidate node of `graph`, in place."""
+    conv_pass = CONV_PASSES.get(config.method)
+    fc_pass = FcSVDPass() if config.fc or config.method == "fc-svd" else None
+    candidates = [n for n in graph.nodes if n.op == "Conv" or n.op in LEFT_ALONE or n.op in FC_OPS]
+    records = []
+    for node in _progress(candidates, config.progress):
+        if node.op in LEFT_ALONE:
+            records.append(_skip(node, None, f"{node.op} is left as is"))
+        elif node.op == "Conv":
+            records.append(_rewrite_conv(graph, node, conv_pass, config))
+        elif fc_pass is not None:
+            layer = read_fc(node)
+            records.append(
+                _skip(node, fc_pass.method, layer)
+                if isinstance(layer, str)
+                else fc_pass.rewrite(graph, layer, config)
+            )
+    return records
+
+
+def _rewrite_conv(graph, node, conv_pass, config) -> LayerRecord:
+    if conv_pass is None:
+        return _skip(node, None, f"method {config.method} does not apply to Conv")
+    layer = read_conv(node)
+    if isinstance(layer, str):
+        return _skip(node, conv_pass.method, layer)
+    return conv_pass().rewrite(graph, layer, config)
+
+
+def _skip(node: gs.Node, method: str | None, reason: str) -> LayerRecord:
+    return LayerRecord(node=node.name, op=node.op, method=method, status="skipped", reason=reason)
+
+
+def inspect(
+    model: onnx.ModelProto | str | os.PathLike, input_shapes: dict | None = None
+) -> list[dict]:
+    """Per factorable layer: weight shape, MACs, share of the model's MACs, and the rank each
+    method needs for 90/95/99% energy."""
+    original, _ = _as_model(model)
+    pinned = _pinned_copy(original, OptimizeConfig(input_shapes=input_shapes or {}, check=0))
+    graph = gs.import_onnx(infer_shapes(pinned))
+    rows = []
+    for node in graph.nodes:
+        if node.op == "Conv":
+            layer, passes = read_conv(node), [p() for p in CONV_PASSES.values()]
+        elif node.op in FC_OPS:
+            layer, passes = read_fc(node), [FcSVDPass()]
+        else:
+            continue
+        if isinstance(layer, str):
+            rows.append({"node": node.name, "op": node.op, "skipped": layer})
+            continue
+        weight = getattr(layer, "weight", getattr(layer, "matrix", None))
+        row = {
+            "node": node.name,
+            "op": node.op,
+            "weight_shape": list(weight.shape),
+            "macs": layer.macs,
+            "energy_ranks": {},
+        }
+        for p in passes:
+            if getattr(p, "skip_reason", lambda _: None)(layer) is None:
+                row["energy_ranks"][p.method] = {
+                    f"{e:g}": [
+                        max(rank_for_energy(s, e) for s in slot) for slot in p.spectra(layer)
+                    ]
+                    for e in (0.90, 0.95, 0.99)
+                }
+        rows.append(row)
+    total = sum(r.get("macs", 0) for r in rows) or 1
+    for r in rows:
+        if "macs" in r:
+            r["share"] = r["macs"] / total
+    return rows
+
+
+def _as_model(model) -> tuple[onnx.ModelProto, bool]:
+    if isinstance(model, onnx.ModelProto):
+        check_model(model)
+        return model, False
+    if isinstance(model, gs.Graph):
+        return gs.export_onnx(model), False
+    if isinstance(model, (str, os.PathLike)):
+        loaded = load_model(model)
+        return loaded.model, loaded.external
+    raise LowRankError(
+        f"expected an onnx.ModelProto, a path or a gs.Graph, got {type(model).__name__}"
+    )
+
+
+def _pinned_copy(model: onnx.ModelProto, config: OptimizeConfig) -> onnx.ModelProto:
+    if not config.input_shapes:
+        return model
+    pinned = onnx.ModelProto()
+    pinned.CopyFrom(model)
+    pin_input_shapes(pinned, config.input_shapes)
+    return pinned
+
+
+def _finalize(original: onnx.ModelProto, graph: gs.Graph) -> onnx.ModelProto:
+    """The original model with only its nodes and initializers replaced by the rewritten ones:
+    metadata, opsets, IR version, inputs/outputs and value_info stay as they were."""
+    exported = gs.export_onnx(graph, do_type_check=False)
+    result = onnx.ModelProto()
+    _copy_fields(original, result, skip=("graph",))
+    g = result.graph
+    _copy_fields(original.graph, g, skip=("node", "initializer", "input", "value_info"))
+    g.node.extend(exported.graph.node)
+    g.initializer.extend(exported.graph.initializer)
+    inits = {t.name for t in g.initializer}
+    used = {name for n in g.node for name in list(n.input) + list(n.output)}
+    keep = inits | set(real_inputs(original))
+    g.input.extend(i for i in original.graph.input if i.name in keep)
+    g.value_info.extend(v for v in original.graph.value_info if v.name in used)
+    return result
+
+
+def _copy_fields(src, dst, skip: tuple[str, ...]) -> None:
+    """Copy the set fields of one protobuf message to another, but those in `skip`."""
+    for field, value in src.ListFields():
+        if field.name in skip:
+            continue
+        target = getattr(dst, field.name)
+        if hasattr(target, "extend"):
+            target.extend(value)
+        elif field.message_type:
+            target.CopyFrom(value)
+        else:
+            setattr(dst, field.name, value)
+
+
+def _totals(before: onnx.ModelProto, after: onnx.ModelProto) -> dict:
+    totals = {}
+    for key, fn in (
+        ("macs", lambda m: model_macs(infer_shapes(m))),
+        ("params", _params),
+        ("nodes", lambda m: len(m.graph.node)),
+        ("file_bytes", _size),
+    ):
+        totals[f"{key}_before"], totals[f"{key}_after"] = fn(before), fn(after)
+    return totals
+
+
+def _params(model: onnx.ModelProto) -> int:
+    sizes = [int(np.prod(t.dims)) for t in model.graph.initializer]
+    sizes += [
+        int(np.prod(a.t.dims))
+        for n in model.graph.node
+        if n.op_type == "Constant"
+        for a in n.attribute
+        if a.name == "value"
+    ]
+    return sum(sizes)
+
+
+def _size(model: onnx.ModelProto) -> int:
+    try:
+        return model.ByteSize()
+    except (ValueError, OverflowError):
+        return weight_bytes(model)
+
+
+def _check(before: onnx.ModelProto, after: onnx.ModelProto, config: OptimizeConfig) -> dict:
+    feeds = random_inputs(before, config.check, seed=config.seed)
+    result = compare(before, after, feeds, provider=config.provider)
+    if config.tolerance is not None:
+        result["tolerance"] = config.tolerance
+        result["passed"] = result["max_rel_error"] <= config.tolerance
+    return result
+
+
+def _progress(items: list, enabled: bool) -> Iterable:
+    if not enabled or len(items) < 2:
+        return items
+    from rich.console import Console
+    from rich.progress import track
+
+    return track(
+        items, description="factoring layers", transient=True, console=Console(stderr=True)
+    )

@@ -1,0 +1,327 @@
+"""`onnx-lowrank optimize|inspect|compare|bench`: parse arguments, call the API, print tables.
+
+Exit codes: 0 done; 1 the check failed its --tolerance (the output is still written); 2 bad
+input or usage (one line on stderr, nothing written)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from rich.console import Console
+
+from . import __version__
+from .config import METHODS, OptimizeConfig
+from .errors import LowRankError
+from .graph import parse_input_shapes
+
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE = 0, 1, 2
+EPILOG = """examples:
+  onnx-lowrank optimize model.onnx model.lowrank.onnx --method separable --energy 0.95
+  onnx-lowrank optimize model.onnx out.onnx --method tucker2 --speedup 3 --report out.json
+  onnx-lowrank inspect model.onnx
+  onnx-lowrank compare model.onnx out.onnx --data test.npz
+  onnx-lowrank bench model.onnx out.onnx --runs 50
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error in one line."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="onnx-lowrank",
+        description="Rewrite the convolutions and fully "
+        "connected layers of an ONNX model into faster low-rank op chains.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_optimize(
+        sub.add_parser(
+            "optimize",
+            help="factor the model's layers and write a new model",
+            description="Factor each Conv (and Gemm/MatMul) into a low-rank chain.",
+        )
+    )
+    p = sub.add_parser("inspect", help="per-layer shapes, MACs and the ranks energy targets need")
+    p.add_argument("model")
+    _add_common(p, check=False)
+    p.add_argument("--json", metavar="FILE", help="also write the table as JSON")
+    p = sub.add_parser("compare", help="output error, top-1 agreement and accuracy of two models")
+    p.add_argument("reference")
+    p.add_argument("candidate")
+    p.add_argument(
+        "--data", metavar="FILE", help=".npz (inputs by name or 'x', labels 'y') or .npy"
+    )
+    _add_common(p)
+    p.add_argument("--json", metavar="FILE", help="also write the result as JSON")
+    p = sub.add_parser("bench", help="median latency in onnxruntime (and the speedup of B over A)")
+    p.add_argument("models", nargs="+", metavar="MODEL", help="one or two models")
+    p.add_argument("--runs", type=int, default=30, help="timed runs per model (default 30)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed runs first (default 5)")
+    p.add_argument("--threads", type=int, help="intra-op threads (default: onnxruntime's)")
+    p.add_argument("--batch", type=int, help="batch size of the random inputs (default 1)")
+    _add_common(p, check=False)
+    p.add_argument("--json", metavar="FILE", help="also write the result as JSON")
+    return parser
+
+
+def _add_common(p: argparse.ArgumentParser, check: bool = True) -> None:
+    p.add_argument(
+        "--input-shape",
+        action="append",
+        metavar="NAME:D1,D2,...",
+        help="pin an input's dims, e.g. x:1,3,224,224 (N or ? keeps one free); repeatable",
+    )
+    p.add_argument(
+        "--provider",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="onnxruntime execution provider (cuda needs onnxruntime-gpu)",
+    )
+    if check:
+        p.add_argument(
+            "--check",
+            type=int,
+            default=2,
+            metavar="N",
+            help="random inputs for the output check (default 2; 0 skips it)",
+        )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed for random inputs and fits (default 0)"
+    )
+    p.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more output (-vv: debug log)"
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="only errors")
+
+
+def _add_optimize(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", help="the ONNX model to optimize")
+    p.add_argument("output", help="where to write the optimized model")
+    p.add_argument(
+        "--method",
+        choices=METHODS,
+        default="separable",
+        help="factorization for convs (default separable); fc-svd alone factors only Gemm/MatMul",
+    )
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--rank", type=int, help="the same rank for every layer (clipped to full)")
+    target.add_argument("--ranks", metavar="R1,R2", help="input and output ranks of tucker2")
+    target.add_argument(
+        "--energy",
+        type=float,
+        help="keep this fraction of the squared singular values, in (0, 1] (default 0.95)",
+    )
+    target.add_argument(
+        "--max-error",
+        type=float,
+        metavar="X",
+        help="relative Frobenius error of each layer's weight at most X",
+    )
+    target.add_argument(
+        "--speedup",
+        type=float,
+        metavar="S",
+        help="per layer, the largest rank whose MACs are at most 1/S of the layer's",
+    )
+    p.add_argument(
+        "--rank-multiple",
+        type=int,
+        default=8,
+        metavar="M",
+        help="round ranks to a "
+        "multiple of M when that keeps the target (default 8; 1 turns it off)",
+    )
+    p.add_argument(
+        "--force", action="store_true", help="rewrite layers even when the chain costs more"
+    )
+    p.add_argument("--no-fc", action="store_true", help="leave Gemm/MatMul layers alone")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        metavar="T",
+        help="exit 1 when the check's max relative output error exceeds T",
+    )
+    p.add_argument("--report", metavar="FILE", help="write the per-layer report as JSON")
+    p.add_argument(
+        "--external-data",
+        action="store_true",
+        help="write the weights to OUTPUT.data (automatic past 2 GB or when the input did)",
+    )
+    _add_common(p)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=(
+            logging.DEBUG
+            if args.verbose > 1
+            else logging.INFO
+            if args.verbose
+            else logging.ERROR
+            if args.quiet
+            else logging.WARNING
+        ),
+        format="%(levelname)s: %(message)s",
+    )
+    console = Console(quiet=args.quiet, width=None if sys.stdout.isatty() else 160)
+    try:
+        return COMMANDS[args.command](args, console)
+    except LowRankError as exc:
+        print(f"onnx-lowrank: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("onnx-lowrank: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: one line, the traceback only when asked for
+        if args.verbose:
+            raise
+        print(
+            f"onnx-lowrank: internal error: {type(exc).__name__}: {exc} (rerun with -v for the "
+            "traceback)",
+            file=sys.stderr,
+        )
+        return 3
+
+
+def _optimize(args, console: Console) -> int:
+    from .api import optimize
+
+    _check_paths(args.input, args.output)
+    ranks = _parse_ranks(args.ranks) if args.ranks else None
+    config = OptimizeConfig.from_options(
+        method=args.method,
+        rank=args.rank,
+        ranks=ranks,
+        energy=args.energy,
+        max_error=args.max_error,
+        speedup=args.speedup,
+        rank_multiple=args.rank_multiple,
+        force=args.force,
+        fc=not args.no_fc,
+        input_shapes=parse_input_shapes(args.input_shape),
+        check=args.check,
+        tolerance=args.tolerance,
+        seed=args.seed,
+        provider=args.provider,
+        progress=not args.quiet and sys.stderr.isatty(),
+    )
+    model, report = optimize(args.input, config, output=args.output)
+    if args.external_data:
+        from .graph import save_model
+
+        save_model(model, args.output, external=True)
+    report.render(console, verbose=args.verbose > 0)
+    if args.report:
+        report.to_json(args.report)
+    console.print(
+        f"wrote {args.output}: {len(report.rewritten)} layer(s) rewritten, "
+        f"{len(report.skipped)} skipped"
+    )
+    if report.validation and report.validation.get("passed") is False:
+        print(
+            f"onnx-lowrank: check failed: max relative output error "
+            f"{report.validation['max_rel_error']:.3g} > tolerance {args.tolerance:g} "
+            f"(the model was written)",
+            file=sys.stderr,
+        )
+        return EXIT_CHECK_FAILED
+    return EXIT_OK
+
+
+def _check_paths(src: str, dst: str) -> None:
+    if not os.path.exists(src):
+        raise LowRankError(f"{src}: no such file")
+    if (
+        os.path.exists(dst)
+        and os.path.samefile(src, dst)
+        or os.path.abspath(src) == os.path.abspath(dst)
+    ):
+        raise LowRankError("the output path is the input file; choose another output path")
+    folder = os.path.dirname(os.path.abspath(dst))
+    if not os.path.isdir(folder):
+        raise LowRankError(f"{dst}: output folder {folder} does not exist")
+    if os.path.isdir(dst):
+        raise LowRankError(f"{dst}: is a directory; give a file name")
+
+
+def _parse_ranks(text: str) -> tuple[int, int]:
+    parts = text.split(",")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise LowRankError(f"--ranks {text!r}: expected two whole numbers >= 1, like 32,64")
+    return int(parts[0]), int(parts[1])
+
+
+def _inspect(args, console: Console) -> int:
+    from .api import inspect
+    from .report import inspect_table
+
+    rows = inspect(args.model, parse_input_shapes(args.input_shape))
+    console.print(inspect_table(rows))
+    _write_json(args.json, rows)
+    return EXIT_OK
+
+
+def _compare(args, console: Console) -> int:
+    from .graph import load_model, pin_input_shapes
+    from .runtime import load_data, random_inputs
+    from .validate import compare
+
+    a, b = load_model(args.reference).model, load_model(args.candidate).model
+    for m in (a, b):
+        pin_input_shapes(m, parse_input_shapes(args.input_shape))
+    if args.data:
+        feeds, labels = load_data(args.data, a)
+    else:
+        feeds, labels = random_inputs(a, args.check, seed=args.seed), None
+    result = compare(a, b, feeds, labels, provider=args.provider)
+    from .report import compare_table
+
+    console.print(compare_table(result, args.reference, args.candidate))
+    _write_json(args.json, result)
+    return EXIT_OK
+
+
+def _bench(args, console: Console) -> int:
+    from .bench import bench
+    from .graph import load_model, pin_input_shapes
+    from .report import bench_table
+
+    if len(args.models) > 2:
+        raise LowRankError("bench takes one or two models")
+    if args.runs < 1 or args.warmup < 0:
+        raise LowRankError("--runs must be >= 1 and --warmup >= 0")
+    models = [load_model(p).model for p in args.models]
+    for m in models:
+        pin_input_shapes(m, parse_input_shapes(args.input_shape))
+    result = bench(
+        models, args.provider, args.runs, args.warmup, args.threads, args.batch, args.seed
+    )
+    result["models"] = args.models
+    console.print(bench_table(result))
+    _write_json(args.json, result)
+    return EXIT_OK
+
+
+def _write_json(path: str | None, data) -> None:
+    if path:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+
+
+COMMANDS = {"optimize": _optimize, "inspect": _inspect, "compare": _compare, "bench": _bench}
+
+if __name__ == "__main__":
+    sys.exit(main())

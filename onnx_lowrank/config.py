@@ -1,0 +1,122 @@
+"""Options of an optimize run as frozen dataclasses; a config round-trips through JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import LowRankError
+
+CONV_METHODS = ("separable", "channel-svd", "tucker2")
+METHODS = CONV_METHODS + ("fc-svd",)
+RANK_KINDS = ("rank", "energy", "error", "speedup")
+PROVIDERS = ("cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class RankSpec:
+    """How each layer's rank is chosen: a fixed rank, an energy, a weight error or a MAC cut."""
+
+    kind: str = "energy"
+    value: float = 0.95
+    second: int | None = None  # second rank of two-rank methods (tucker2 --ranks R1,R2)
+
+    def __post_init__(self) -> None:
+        if self.kind not in RANK_KINDS:
+            raise LowRankError(f"unknown rank kind {self.kind!r}; expected one of {RANK_KINDS}")
+        if self.kind == "rank" and (int(self.value) != self.value or self.value < 1):
+            raise LowRankError(f"--rank must be a whole number >= 1, got {self.value:g}")
+        if self.second is not None and self.second < 1:
+            raise LowRankError(f"--ranks must be whole numbers >= 1, got {self.second}")
+        if self.kind == "energy" and not 0.0 < self.value <= 1.0:
+            raise LowRankError(f"--energy must be in (0, 1], got {self.value:g}")
+        if self.kind == "error" and not 0.0 <= self.value < 1.0:
+            raise LowRankError(f"--max-error must be in [0, 1), got {self.value:g}")
+        if self.kind == "speedup" and not self.value > 1.0:
+            raise LowRankError(f"--speedup must be > 1, got {self.value:g}")
+
+    def describe(self) -> str:
+        """A short human label such as 'energy 0.95' or 'rank 32,16'."""
+        if self.kind == "rank":
+            extra = f",{self.second}" if self.second is not None else ""
+            return f"rank {int(self.value)}{extra}"
+        return f"{self.kind} {self.value:g}"
+
+
+@dataclass(frozen=True)
+class OptimizeConfig:
+    """Everything `optimize` needs; the CLI flags map one to one onto these fields."""
+
+    method: str = "separable"
+    rank: RankSpec = field(default_factory=RankSpec)
+    rank_multiple: int = 8
+    force: bool = False
+    fc: bool = True
+    input_shapes: dict[str, tuple[int | str, ...]] = field(default_factory=dict)
+    check: int = 2
+    tolerance: float | None = None
+    seed: int = 0
+    provider: str = "cpu"
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise LowRankError(
+                f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}"
+            )
+        if self.rank_multiple < 1:
+            raise LowRankError(f"--rank-multiple must be >= 1, got {self.rank_multiple}")
+        if self.check < 0:
+            raise LowRankError(f"--check must be >= 0, got {self.check}")
+        if self.tolerance is not None and self.tolerance < 0:
+            raise LowRankError(f"--tolerance must be >= 0, got {self.tolerance:g}")
+        if self.provider not in PROVIDERS:
+            raise LowRankError(f"unknown provider {self.provider!r}; choose cpu or cuda")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serialisable dict."""
+        out = dataclasses.asdict(self)
+        out["input_shapes"] = {k: list(v) for k, v in self.input_shapes.items()}
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> OptimizeConfig:
+        """Inverse of to_dict; unknown keys are an error so typos do not pass silently."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise LowRankError(f"unknown config keys: {', '.join(sorted(unknown))}")
+        data = dict(data)
+        if "rank" in data and isinstance(data["rank"], dict):
+            data["rank"] = RankSpec(**data["rank"])
+        if "input_shapes" in data:
+            data["input_shapes"] = {k: tuple(v) for k, v in data["input_shapes"].items()}
+        return cls(**data)
+
+    @classmethod
+    def from_options(cls, **options: Any) -> OptimizeConfig:
+        """Build from CLI-like keyword options: rank=, ranks=, energy=, max_error=, speedup=."""
+        picked = {
+            k: options.pop(k)
+            for k in ("rank", "ranks", "energy", "max_error", "speedup")
+            if options.get(k) is not None
+        }
+        options = {k: v for k, v in options.items() if v is not None}
+        if len(picked) > 1:
+            raise LowRankError("give only one of rank, ranks, energy, max_error, speedup")
+        if isinstance(picked.get("rank"), RankSpec):
+            return cls(rank=picked["rank"], **options)
+        if "ranks" in picked:
+            first, second = picked["ranks"]
+            spec = RankSpec("rank", first, second)
+        elif "rank" in picked:
+            spec = RankSpec("rank", picked["rank"])
+        elif "max_error" in picked:
+            spec = RankSpec("error", picked["max_error"])
+        elif picked:
+            ((kind, value),) = picked.items()
+            spec = RankSpec(kind, value)
+        else:
+            spec = RankSpec()
+        return cls(rank=spec, **options)
