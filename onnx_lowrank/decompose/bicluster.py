@@ -55,11 +55,12 @@ class BiclusterSVD:
         g, h = self.groups
         k1, k2 = self.ranks
         n, kh, kw = self.output_factors.shape[0], *self.core.shape[2:]
-        a = self.input_factors.reshape(g, h, k1, -1)
-        core = self.core.reshape(g, h, k2, k1, kh, kw)
-        b = self.output_factors.reshape(h, n // h, g, k2).transpose(2, 0, 1, 3)
-        blocks = np.einsum("ghnq,ghqpyx,ghpc->ghncyx", b, core, a)
-        return _assemble(blocks, self.in_order, self.out_order)
+        a = self.input_factors.astype(np.float64).reshape(g, h, k1, -1)
+        core = self.core.astype(np.float64).reshape(g, h, k2, k1, kh, kw)
+        b = self.output_factors.astype(np.float64).reshape(h, n // h, g, k2)
+        blocks = np.einsum("hngq,ghqpyx,ghpc->ghncyx", b, core, a)
+        dense = _assemble(blocks, self.in_order, self.out_order)
+        return dense.astype(self.core.dtype)
 
     def stages(self, bias: np.ndarray | None = None) -> list[Stage]:
         """The chain to emit, in order (see the module docstring)."""
@@ -86,11 +87,14 @@ class BiclusterOuter:
         """The dense (N, C, kH, kW) weight in the original channel orders."""
         g, h = self.groups
         k, n = self.rank, self.output_factors.shape[0]
-        a = self.input_factors.reshape(g, h, k, -1)
-        b = self.spatial_factors.reshape(g, h, k, *self.spatial_factors.shape[2:])
-        c = self.output_factors.reshape(h, n // h, g, k).transpose(2, 0, 1, 3)
-        blocks = np.einsum("ghnk,ghkyx,ghkc->ghncyx", c, b, a)
-        return _assemble(blocks, self.in_order, self.out_order)
+        a = self.input_factors.astype(np.float64).reshape(g, h, k, -1)
+        b = self.spatial_factors.astype(np.float64).reshape(
+            g, h, k, *self.spatial_factors.shape[2:]
+        )
+        c = self.output_factors.astype(np.float64).reshape(h, n // h, g, k)
+        blocks = np.einsum("hngk,ghkyx,ghkc->ghncyx", c, b, a)
+        dense = _assemble(blocks, self.in_order, self.out_order)
+        return dense.astype(self.spatial_factors.dtype)
 
     def stages(self, bias: np.ndarray | None = None) -> list[Stage]:
         """The chain to emit, in order (see the module docstring)."""

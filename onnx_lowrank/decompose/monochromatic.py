@@ -48,11 +48,11 @@ class Monochromatic:
         """The dense (N, C, kH, kW) weight in the original filter order."""
         per_color = self.spatial.shape[0] // self.n_colors
         cluster = np.arange(self.spatial.shape[0]) // per_color
-        colour = self.colors[cluster, :, 0, 0]  # (N, C) in cluster order
-        dense = np.einsum("jc,jyx->jcyx", colour, self.spatial[:, 0])
+        colour = self.colors[cluster, :, 0, 0].astype(np.float64)  # (N, C) in cluster order
+        dense = np.einsum("jc,jyx->jcyx", colour, self.spatial[:, 0].astype(np.float64))
         out = np.empty_like(dense)
         out[self.order] = dense
-        return out
+        return out.astype(self.spatial.dtype)
 
     def stages(self, bias: np.ndarray | None = None) -> list[Stage]:
         """The chain to emit: 1x1 conv, grouped spatial conv (with the bias), Gather if needed."""
