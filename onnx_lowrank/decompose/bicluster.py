@@ -18,7 +18,7 @@ group=H with the bias, Gather back to the original filter order. Stage-1/2 chann
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -127,8 +127,7 @@ def bicluster_svd(
         ranks=(k1, k2),
         relative_error=0.0,
     )
-    error = relative_error(weight, result.reconstruct())
-    return BiclusterSVD(**{**result.__dict__, "relative_error": error})
+    return replace(result, relative_error=relative_error(weight, result.reconstruct()))
 
 
 def bicluster_outer(
@@ -163,8 +162,7 @@ def bicluster_outer(
         rank=k,
         relative_error=0.0,
     )
-    error = relative_error(weight, result.reconstruct())
-    return BiclusterOuter(**{**result.__dict__, "relative_error": error})
+    return replace(result, relative_error=relative_error(weight, result.reconstruct()))
 
 
 def _bicluster(weight: np.ndarray, groups: tuple[int, int], seed: int):

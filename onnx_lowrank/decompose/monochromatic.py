@@ -14,7 +14,7 @@ never increasing the error. ONNX: ``Conv(1x1, C -> C')`` with rows ``U_c``, a gr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -96,13 +96,12 @@ def monochromatic(weight: np.ndarray, n_colors: int, *, seed: int = 0) -> Monoch
         order=order.astype(np.int64),
         relative_error=0.0,
     )
-    error = relative_error(weight, result.reconstruct())
-    return Monochromatic(result.colors, result.spatial, result.order, error)
+    return replace(result, relative_error=relative_error(weight, result.reconstruct()))
 
 
 def _cluster_colours(filters: np.ndarray, n_colors: int, seed: int):
     """Balanced labels (N,) and unit colours (C', C) for the filters (N, C, T)."""
-    lines = np.stack([np.linalg.svd(f, full_matrices=False)[0][:, 0] for f in filters])
+    lines = np.linalg.svd(filters, full_matrices=False)[0][:, :, 0]  # (N, C) colour lines
     labels = balanced_kmeans(lines, n_colors, seed=seed, sign_invariant=True).labels
     colors = _best_colours(filters, labels, n_colors)
     energy = (filters**2).sum((1, 2))

@@ -198,3 +198,19 @@ def test_groups_must_divide_channels(groups):
         bicluster_svd(weight, groups, (2, 2))
     with pytest.raises(ValueError, match="must divide"):
         bicluster_outer(weight, groups, 2)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 4), st.integers(1, 6), st.integers(0, 2**16))
+def test_recovers_planted_clusters(n_clusters, size, other, seed):
+    """Channels that are multiples of one prototype per cluster fit rank-1 blocks exactly."""
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.repeat(np.arange(n_clusters), size))
+    scale = rng.normal(size=n_clusters * size)
+    inputs = rng.normal(size=(n_clusters, other, 3, 3))
+    weight = np.einsum("c,cnyx->ncyx", scale, inputs[labels])
+    assert bicluster_svd(weight, (n_clusters, 1), (1, other)).relative_error < 1e-9
+    outputs = rng.normal(size=(n_clusters, other, 3, 3))
+    weight = np.einsum("n,ncyx->ncyx", scale, outputs[labels])
+    assert bicluster_svd(weight, (1, n_clusters), (other, 1)).relative_error < 1e-9
+    assert bicluster_outer(weight, (1, n_clusters), rank=9).relative_error < 1e-9
