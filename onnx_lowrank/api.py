@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from .assemble import assemble, tag_origins
 from .config import OptimizeConfig
 from .cost import model_macs
 from .decompose.rank import rank_for_energy
@@ -20,7 +21,6 @@ from .graph import (
     infer_shapes,
     load_model,
     pin_input_shapes,
-    real_inputs,
     save_model,
     weight_bytes,
 )
@@ -53,9 +53,9 @@ def optimize(
     original, external = _as_model(model)
     pinned = _pinned_copy(original, config)
     graph = gs.import_onnx(infer_shapes(pinned))
+    tag_origins(graph)
     records = rewrite_graph(graph, config)
-    graph.toposort()
-    result = _finalize(pinned, graph)
+    result = assemble(pinned, graph)
     report = Report(records=records, config=config.to_dict())
     report.totals = _totals(pinned, result)
     if config.check:
@@ -166,38 +166,6 @@ def _pinned_copy(model: onnx.ModelProto, config: OptimizeConfig) -> onnx.ModelPr
     pinned.CopyFrom(model)
     pin_input_shapes(pinned, config.input_shapes)
     return pinned
-
-
-def _finalize(original: onnx.ModelProto, graph: gs.Graph) -> onnx.ModelProto:
-    """The original model with only its nodes and initializers replaced by the rewritten ones:
-    metadata, opsets, IR version, inputs/outputs and value_info stay as they were."""
-    exported = gs.export_onnx(graph, do_type_check=False)
-    result = onnx.ModelProto()
-    _copy_fields(original, result, skip=("graph",))
-    g = result.graph
-    _copy_fields(original.graph, g, skip=("node", "initializer", "input", "value_info"))
-    g.node.extend(exported.graph.node)
-    g.initializer.extend(exported.graph.initializer)
-    inits = {t.name for t in g.initializer}
-    used = {name for n in g.node for name in list(n.input) + list(n.output)}
-    keep = inits | set(real_inputs(original))
-    g.input.extend(i for i in original.graph.input if i.name in keep)
-    g.value_info.extend(v for v in original.graph.value_info if v.name in used)
-    return result
-
-
-def _copy_fields(src, dst, skip: tuple[str, ...]) -> None:
-    """Copy the set fields of one protobuf message to another, but those in `skip`."""
-    for field, value in src.ListFields():
-        if field.name in skip:
-            continue
-        target = getattr(dst, field.name)
-        if hasattr(target, "extend"):
-            target.extend(value)
-        elif field.message_type:
-            target.CopyFrom(value)
-        else:
-            setattr(dst, field.name, value)
 
 
 def _totals(before: onnx.ModelProto, after: onnx.ModelProto) -> dict:

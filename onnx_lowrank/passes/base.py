@@ -166,7 +166,7 @@ class ConvPass(RankedPass):
 
     def skip_reason(self, layer: ConvLayer) -> str | None:
         """Why this method cannot apply to the layer (None when it can)."""
-        if layer.group == layer.in_channels and layer.weight.shape[1] == 1:
+        if layer.group > 1 and layer.group == layer.in_channels:
             return "depthwise conv: no low-rank form pays"
         return None
 
@@ -255,9 +255,16 @@ def splice_conv_chain(
             "pads": list(g.pads),
             "group": g.group,
         }
-        graph.nodes.append(gs.Node("Conv", f"{base}/{method}/{i}", attrs, inputs, outputs))
+        add_node(graph, node, gs.Node("Conv", f"{base}/{method}/{i}", attrs, inputs, outputs))
         current = outputs[0]
     remove_node(graph, node)
+
+
+def add_node(graph: gs.Graph, anchor: gs.Node, node: gs.Node) -> gs.Node:
+    """Append a new node, placed in the output model where `anchor` was (or right after it)."""
+    node.anchor = getattr(anchor, "origin", None)
+    graph.nodes.append(node)
+    return node
 
 
 def remove_node(graph: gs.Graph, node: gs.Node) -> None:

@@ -17,7 +17,7 @@ from ..config import OptimizeConfig
 from ..decompose.svd import LowRankMatrix, low_rank_matrix, matrix_spectrum, relative_error
 from ..graph import constant_value, static_dims
 from ..report import LayerRecord
-from .base import FLOAT_TYPES, RankedPass, _rank_text, remove_node
+from .base import FLOAT_TYPES, RankedPass, _rank_text, add_node, remove_node
 
 
 @dataclass
@@ -146,5 +146,5 @@ def splice_products(graph: gs.Graph, layer: FcLayer, factors: LowRankMatrix) -> 
         nodes = [("MatMul", {}, [right, node.inputs[1]]), ("MatMul", {}, [left, middle])]
     outputs = [[middle], list(node.outputs)]
     for i, (op, attrs, inputs) in enumerate(nodes):
-        graph.nodes.append(gs.Node(op, f"{base}/fc-svd/{i}", attrs, inputs, outputs[i]))
+        add_node(graph, node, gs.Node(op, f"{base}/fc-svd/{i}", attrs, inputs, outputs[i]))
     remove_node(graph, node)

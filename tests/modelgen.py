@@ -1,0 +1,71 @@
+"""Small ONNX models built in code, and running them in onnxruntime, for the tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+
+def conv_model(
+    weight: np.ndarray,
+    input_shape: list,
+    attrs: dict | None = None,
+    bias: np.ndarray | None = None,
+    opset: int = 13,
+    weight_as_constant_node: bool = False,
+) -> onnx.ModelProto:
+    """x -> Conv(weight, bias, attrs) -> y; input dims may be strings (symbolic)."""
+    nodes, inits = [], []
+    if weight_as_constant_node:
+        nodes.append(helper.make_node("Constant", [], ["W"], value=numpy_helper.from_array(weight)))
+    else:
+        inits.append(numpy_helper.from_array(weight, "W"))
+    inputs = ["x", "W"]
+    if bias is not None:
+        inits.append(numpy_helper.from_array(bias, "B"))
+        inputs.append("B")
+    nodes.append(helper.make_node("Conv", inputs, ["y"], name="conv", **(attrs or {})))
+    graph = helper.make_graph(
+        nodes,
+        "conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, input_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None] * len(input_shape))],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 7
+    return model
+
+
+def run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
+    """Outputs with graph optimizations off, so what is compared is the graph as written."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    sess = ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    return sess.run(None, feeds)
+
+
+def assert_same_outputs(
+    a: onnx.ModelProto, b: onnx.ModelProto, feeds: dict, rtol: float = 1e-4, atol: float = 1e-5
+) -> None:
+    """Outputs agree to float32 round-off (atol scaled by the output's magnitude)."""
+    for out_a, out_b in zip(run(a, feeds), run(b, feeds), strict=True):
+        assert out_a.shape == out_b.shape
+        scale = max(1.0, float(np.abs(out_a).max()))
+        np.testing.assert_allclose(out_b, out_a, rtol=rtol, atol=atol * scale)
+
+
+def ops(model: onnx.ModelProto) -> list[str]:
+    return [n.op_type for n in model.graph.node]
+
+
+def attr(node: onnx.NodeProto, name: str):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return None
