@@ -109,12 +109,13 @@ def measure(args) -> list[dict]:
 
 
 def _line(row: dict) -> str:
+    head = f"{row['layer']:<20} {row['method']:<12} {row['target']:>4g}x"
     if "skipped" in row:
-        return f"{row['layer']:<20} {row['method']:<12} {row['target']:>4g}x  skipped: {row['skipped']}"
+        return f"{head}  skipped: {row['skipped']}"
     rank = ",".join(map(str, row["rank"])) if isinstance(row["rank"], list) else str(row["rank"])
     return (
-        f"{row['layer']:<20} {row['method']:<12} {row['target']:>4g}x  rank {rank:>7}  batch {row['batch']}"
-        f"  MACs {row['mac_ratio']:5.2f}x  measured {row['speedup']:5.2f}x  eff {row['efficiency']:4.2f}"
+        f"{head}  rank {rank:>7}  batch {row['batch']}  MACs {row['mac_ratio']:5.2f}x"
+        f"  measured {row['speedup']:5.2f}x  eff {row['efficiency']:4.2f}"
         f"  ({row['dense_ms']:.2f} -> {row['factored_ms']:.2f} ms)"
     )
 
