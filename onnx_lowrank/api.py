@@ -95,7 +95,7 @@ def _rewrite_conv(graph, node, conv_pass, config) -> LayerRecord:
     layer = read_conv(node)
     if isinstance(layer, str):
         return _skip(node, conv_pass.method, layer)
-    return conv_pass().rewrite(graph, layer, config)
+    return conv_pass(seed=config.seed).rewrite(graph, layer, config)
 
 
 def _skip(node: gs.Node, method: str | None, reason: str) -> LayerRecord:

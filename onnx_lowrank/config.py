@@ -8,8 +8,10 @@ from typing import Any
 
 from .errors import LowRankError
 
-CONV_METHODS = ("separable", "channel-svd", "tucker2")
+CONV_METHODS = ("separable", "channel-svd", "tucker2", "cp")
 METHODS = CONV_METHODS + ("fc-svd",)
+NO_ENERGY = ("cp",)  # CP has no singular values: --energy means nothing for it
+DEFAULT_ENERGY = 0.95
 RANK_KINDS = ("rank", "energy", "error", "speedup")
 PROVIDERS = ("cpu", "cuda")
 
@@ -49,7 +51,7 @@ class OptimizeConfig:
     """Everything `optimize` needs; the CLI flags map one to one onto these fields."""
 
     method: str = "separable"
-    rank: RankSpec = field(default_factory=RankSpec)
+    rank: RankSpec | None = None  # None: each method's default (see target())
     rank_multiple: int = 8
     force: bool = False
     fc: bool = True
@@ -73,6 +75,20 @@ class OptimizeConfig:
             raise LowRankError(f"--tolerance must be >= 0, got {self.tolerance:g}")
         if self.provider not in PROVIDERS:
             raise LowRankError(f"unknown provider {self.provider!r}; choose cpu or cuda")
+        if self.method in NO_ENERGY and self.rank is not None and self.rank.kind == "energy":
+            raise LowRankError(
+                f"--energy has no meaning for {self.method}: a CP decomposition has no singular "
+                "values; use --rank, --max-error or --speedup"
+            )
+
+    def target(self, method: str) -> RankSpec:
+        """The rank target for `method`: the one given, else --energy 0.95, or for CP methods
+        the weight error that energy implies (sqrt(1 - 0.95), about 0.22)."""
+        if self.rank is not None:
+            return self.rank
+        if method in NO_ENERGY:
+            return RankSpec("error", round((1 - DEFAULT_ENERGY) ** 0.5, 4))
+        return RankSpec("energy", DEFAULT_ENERGY)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable dict."""
@@ -88,7 +104,7 @@ class OptimizeConfig:
         if unknown:
             raise LowRankError(f"unknown config keys: {', '.join(sorted(unknown))}")
         data = dict(data)
-        if "rank" in data and isinstance(data["rank"], dict):
+        if isinstance(data.get("rank"), dict):
             data["rank"] = RankSpec(**data["rank"])
         if "input_shapes" in data:
             data["input_shapes"] = {k: tuple(v) for k, v in data["input_shapes"].items()}
@@ -118,5 +134,5 @@ class OptimizeConfig:
             ((kind, value),) = picked.items()
             spec = RankSpec(kind, value)
         else:
-            spec = RankSpec()
+            spec = None
         return cls(rank=spec, **options)

@@ -119,6 +119,9 @@ class RankedPass:
     method = ""
     two_ranks = False
 
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed  # for fits with random starts (CP, clustering); SVDs ignore it
+
     def full_rank(self, layer) -> tuple[int, ...]:
         raise NotImplementedError
 
@@ -200,7 +203,7 @@ class ConvPass(RankedPass):
         record.reason = self.skip_reason(layer)
         if record.reason:
             return record
-        rank = self.choose_rank(layer, config.rank, config.rank_multiple)
+        rank = self.choose_rank(layer, config.target(self.method), config.rank_multiple)
         record.rank = list(rank) if self.two_ranks else rank[0]
         layout = self.layout(layer, rank)
         record.macs_after = chain_macs(layout, layer.spatial_in)
@@ -213,6 +216,12 @@ class ConvPass(RankedPass):
             return record
         factors = self.decompose(layer, rank)
         record.fit_error = relative_error(factors.reconstruct(), layer.weight)
+        spec = config.target(self.method)
+        if spec.kind == "error" and record.fit_error > spec.value * (1 + 1e-6):
+            record.reason = (
+                f"best fit found has weight error {record.fit_error:.4f} > {spec.value:g}"
+            )
+            return record
         splice_conv_chain(graph, layer, layout, self.weights(factors), self.method)
         record.status, record.reason = "rewritten", None
         return record

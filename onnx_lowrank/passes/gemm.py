@@ -94,7 +94,7 @@ class FcSVDPass(RankedPass):
             macs_before=layer.macs,
             params_before=int(layer.matrix.size),
         )
-        rank = self.choose_rank(layer, config.rank, config.rank_multiple)
+        rank = self.choose_rank(layer, config.target(self.method), config.rank_multiple)
         record.rank = rank[0]
         record.macs_after = self.chain_macs(layer, rank)
         record.params_after = rank[0] * sum(layer.matrix.shape)

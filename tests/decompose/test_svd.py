@@ -44,7 +44,7 @@ def test_spatial_separable(case):
 
 
 @FAST
-@given(weights(one_d=st.booleans()))
+@given(st.booleans().flatmap(lambda one_d: weights(one_d=one_d)))
 def test_channel_svd(case):
     w, g = case
     n, c = w.shape[:2]
@@ -62,7 +62,7 @@ def test_channel_svd(case):
 
 
 @FAST
-@given(weights(one_d=st.booleans()))
+@given(st.booleans().flatmap(lambda one_d: weights(one_d=one_d)))
 def test_tucker2(case):
     w, g = case
     n, c = w.shape[:2]

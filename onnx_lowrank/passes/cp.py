@@ -1,0 +1,54 @@
+"""CP four-conv chain pass (Lebedev et al. 2015): Conv kHxkW becomes
+Conv 1x1 (C -> R), Conv kHx1 depthwise (R), Conv 1xkW depthwise (R), Conv 1x1 (R -> N, bias).
+
+The depthwise convs carry the strides, dilations and pads (height on the first, width on the
+second): a bias-free 1x1 conv commutes with zero padding. Targets: --rank, --max-error (the
+smallest rank whose fit meets it, by a doubling-then-bisection search) and --speedup; --energy has
+no meaning for CP. Skipped: 1-D and grouped convs, and depthwise ones."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..config import RankSpec
+from ..cost import ConvShape
+from ..decompose.cp import CPFactors, cp_decompose, cp_rank_for_error
+from .base import ConvLayer, ConvPass, _round_up, stage_geometry
+
+
+class CPPass(ConvPass):
+    method = "cp"
+
+    def skip_reason(self, layer: ConvLayer) -> str | None:
+        if len(layer.kernel) != 2:
+            return "cp needs a 2-D conv"
+        if layer.group > 1 and layer.group != layer.in_channels:
+            return f"grouped conv (group={layer.group}): cp factors group=1 convs"
+        return super().skip_reason(layer)
+
+    def full_rank(self, layer: ConvLayer) -> tuple[int, ...]:
+        """Not a true CP rank (none is known), but the rank where the chain stops paying."""
+        n, c, kh, kw = layer.weight.shape
+        return (max(1, n * c * kh * kw // (n + c + kh + kw)),)
+
+    def choose_rank(self, layer: ConvLayer, spec: RankSpec, multiple: int) -> tuple[int, ...]:
+        if spec.kind == "error":
+            rank = cp_rank_for_error(layer.weight, spec.value, seed=self.seed)
+            return (_round_up(rank, multiple) if rank >= multiple else rank,)
+        return super().choose_rank(layer, spec, multiple)
+
+    def layout(self, layer: ConvLayer, rank: tuple[int, ...]) -> list[ConvShape]:
+        (r,) = rank
+        kh, kw = layer.kernel
+        return [
+            ConvShape((r, layer.in_channels, 1, 1), stage_geometry(2)),
+            ConvShape((r, 1, kh, 1), stage_geometry(2, r, 0, layer)),
+            ConvShape((r, 1, 1, kw), stage_geometry(2, r, 1, layer)),
+            ConvShape((layer.out_channels, r, 1, 1), stage_geometry(2)),
+        ]
+
+    def decompose(self, layer: ConvLayer, rank: tuple[int, ...]) -> CPFactors:
+        return cp_decompose(layer.weight, rank[0], seed=self.seed)
+
+    def weights(self, factors: CPFactors) -> list[np.ndarray]:
+        return [factors.first, factors.vertical, factors.horizontal, factors.last]
