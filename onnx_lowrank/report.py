@@ -27,6 +27,7 @@ class LayerRecord:
     params_after: int | None = None
     fit_error: float | None = None
     shape_known: bool = True
+    detail: str | None = None  # what else was done, e.g. "output order folded into conv2"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -92,7 +93,9 @@ def layer_table(records: list[LayerRecord], verbose: bool = False) -> Table:
             _count(r.macs_after),
             ratio,
             f"{r.fit_error:.4f}" if r.fit_error is not None else "",
-            r.status if r.status == "rewritten" else f"skipped: {r.reason}",
+            (r.status + (f" ({r.detail})" if r.detail else ""))
+            if r.status == "rewritten"
+            else f"skipped: {r.reason}",
         )
     hidden = len(records) - len(shown)
     if hidden:
