@@ -12,8 +12,10 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .assemble import assemble, tag_origins
+from .calibrate import load_samples
 from .config import OptimizeConfig
 from .cost import model_macs
+from .datafit import DataContext, fit_layer
 from .decompose.rank import rank_for_energy
 from .errors import LowRankError
 from .graph import (
@@ -54,7 +56,12 @@ def optimize(
     pinned = _pinned_copy(original, config)
     graph = gs.import_onnx(infer_shapes(pinned))
     tag_origins(graph)
-    records = rewrite_graph(graph, config)
+    data = None
+    if config.calibration is not None:
+        cal = config.calibration
+        samples = load_samples(cal.path, pinned, cal.preprocess, limit=cal.size)
+        data = DataContext(pinned, samples, cal, config.seed)
+    records = rewrite_graph(graph, config, data)
     result = assemble(pinned, graph)
     report = Report(records=records, config=config.to_dict())
     report.totals = _totals(pinned, result)
@@ -68,8 +75,11 @@ def optimize(
     return result, report
 
 
-def rewrite_graph(graph: gs.Graph, config: OptimizeConfig) -> list[LayerRecord]:
-    """Apply the configured passes to every candidate node of `graph`, in place."""
+def rewrite_graph(
+    graph: gs.Graph, config: OptimizeConfig, data: DataContext | None = None
+) -> list[LayerRecord]:
+    """Apply the configured passes to every candidate node of `graph`, in place; with `data`,
+    conv layers are fitted on calibration data (datafit.py)."""
     conv_pass = CONV_PASSES.get(config.method)
     fc_pass = FcSVDPass() if config.fc or config.method == "fc-svd" else None
     candidates = [n for n in graph.nodes if n.op == "Conv" or n.op in LEFT_ALONE or n.op in FC_OPS]
@@ -78,7 +88,7 @@ def rewrite_graph(graph: gs.Graph, config: OptimizeConfig) -> list[LayerRecord]:
         if node.op in LEFT_ALONE:
             records.append(_skip(node, None, f"{node.op} is left as is"))
         elif node.op == "Conv":
-            records.append(_rewrite_conv(graph, node, conv_pass, config))
+            records.append(_rewrite_conv(graph, node, conv_pass, config, data))
         elif fc_pass is not None:
             layer = read_fc(node)
             records.append(
@@ -89,13 +99,17 @@ def rewrite_graph(graph: gs.Graph, config: OptimizeConfig) -> list[LayerRecord]:
     return records
 
 
-def _rewrite_conv(graph, node, conv_pass, config) -> LayerRecord:
+def _rewrite_conv(graph, node, conv_pass, config, data) -> LayerRecord:
     if conv_pass is None:
         return _skip(node, None, f"method {config.method} does not apply to Conv")
     layer = read_conv(node)
     if isinstance(layer, str):
         return _skip(node, conv_pass.method, layer)
-    return conv_pass(seed=config.seed).rewrite(graph, layer, config)
+    if data is not None:
+        return fit_layer(graph, layer, conv_pass(seed=config.seed), config, data)
+    record = conv_pass(seed=config.seed).rewrite(graph, layer, config)
+    record.fit = "weights" if record.status == "rewritten" else None
+    return record
 
 
 def _skip(node: gs.Node, method: str | None, reason: str) -> LayerRecord:

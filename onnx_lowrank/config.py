@@ -47,6 +47,47 @@ class RankSpec:
 
 
 @dataclass(frozen=True)
+class Preprocess:
+    """How image files become a model input: resize, scale, normalise, order and layout."""
+
+    size: tuple[int, int] | None = None  # (height, width); None: the model input's static size
+    scale: float = 1.0 / 255.0  # applied to 0-255 pixel values before mean/std
+    mean: tuple[float, ...] = (0.0,)  # per channel (one value: all channels)
+    std: tuple[float, ...] = (1.0,)
+    layout: str = "auto"  # "nchw", "nhwc" (TensorFlow exports), or read off the input's shape
+    channels: str = "auto"  # "rgb", "bgr", "gray", or from the input's channel count (1: gray)
+
+    def __post_init__(self) -> None:
+        if self.layout not in ("auto", "nchw", "nhwc"):
+            raise LowRankError(f"--layout must be nchw or nhwc, got {self.layout!r}")
+        if self.channels not in ("auto", "rgb", "bgr", "gray"):
+            raise LowRankError(f"--channels must be rgb, bgr or gray, got {self.channels!r}")
+        if any(v == 0 for v in self.std):
+            raise LowRankError("--std values must be non-zero")
+
+
+FITS = ("weights", "data")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Calibration data for data-aware fits: where, how many samples, which fit."""
+
+    path: str
+    size: int = 256
+    fit: str = "data"  # "data": whitened fit + least-squares refit; "weights": + bias correction
+    sequential: bool = True  # fit each layer on inputs from the already compressed upstream
+    preprocess: Preprocess = field(default_factory=Preprocess)
+    batch: int = 32
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise LowRankError(f"--calibration-size must be >= 1, got {self.size}")
+        if self.fit not in FITS:
+            raise LowRankError(f"--fit must be weights or data, got {self.fit!r}")
+
+
+@dataclass(frozen=True)
 class OptimizeConfig:
     """Everything `optimize` needs; the CLI flags map one to one onto these fields."""
 
@@ -61,6 +102,7 @@ class OptimizeConfig:
     seed: int = 0
     provider: str = "cpu"
     progress: bool = False
+    calibration: Calibration | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -106,6 +148,14 @@ class OptimizeConfig:
         data = dict(data)
         if isinstance(data.get("rank"), dict):
             data["rank"] = RankSpec(**data["rank"])
+        if isinstance(data.get("calibration"), dict):
+            cal = dict(data["calibration"])
+            pre = dict(cal.get("preprocess") or {})
+            for key in ("size", "mean", "std"):
+                if pre.get(key) is not None:
+                    pre[key] = tuple(pre[key])
+            cal["preprocess"] = Preprocess(**pre)
+            data["calibration"] = Calibration(**cal)
         if "input_shapes" in data:
             data["input_shapes"] = {k: tuple(v) for k, v in data["input_shapes"].items()}
         return cls(**data)

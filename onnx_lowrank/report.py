@@ -28,6 +28,9 @@ class LayerRecord:
     fit_error: float | None = None
     shape_known: bool = True
     detail: str | None = None  # what else was done, e.g. "output order folded into conv2"
+    fit: str | None = None  # "weights", "weights+bias", "data" (whitened and/or refitted)
+    output_error_before: float | None = None  # relative output error on calibration data,
+    output_error_after: float | None = None  # before and after the refit / bias correction
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

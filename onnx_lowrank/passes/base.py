@@ -34,6 +34,7 @@ class ConvLayer:
     geometry: ConvGeometry
     spatial_in: list[int]
     shape_known: bool
+    moments: list[np.ndarray] | None = None  # per group, second moment of whitening patches
 
     @property
     def out_channels(self) -> int:
@@ -171,6 +172,11 @@ class ConvPass(RankedPass):
         """Why this method cannot apply to the layer (None when it can)."""
         if layer.group > 1 and layer.group == layer.in_channels:
             return "depthwise conv: no low-rank form pays"
+        return None
+
+    def whitening(self, layer: ConvLayer) -> ConvGeometry | None:
+        """The patches whose second moment a data-aware fit weighs the error with (None: this
+        method fits the weights alone and relies on the least-squares refit)."""
         return None
 
     def layout(self, layer: ConvLayer, rank: tuple[int, ...]) -> list[ConvShape]:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..cost import ConvShape
+from ..decompose.metrics import whitened_separable, whitened_separable_spectrum
 from ..decompose.svd import SpatialSeparable, separable_spectrum, spatial_separable
+from ..graph import ConvGeometry
 from .base import ConvLayer, ConvPass, stage_geometry
 
 
@@ -32,7 +34,13 @@ class SeparablePass(ConvPass):
         )
 
     def spectra(self, layer: ConvLayer) -> list[list[np.ndarray]]:
+        if layer.moments is not None:
+            return [whitened_separable_spectrum(layer.weight, layer.moments, layer.group)]
         return [separable_spectrum(layer.weight, layer.group)]
+
+    def whitening(self, layer: ConvLayer) -> ConvGeometry:
+        """The vertical conv's input patches (C/g * kH per group)."""
+        return stage_geometry(2, layer.group, 0, layer)
 
     def layout(self, layer: ConvLayer, rank: tuple[int, ...]) -> list[ConvShape]:
         (k,), g = rank, layer.group
@@ -43,6 +51,8 @@ class SeparablePass(ConvPass):
         ]
 
     def decompose(self, layer: ConvLayer, rank: tuple[int, ...]) -> SpatialSeparable:
+        if layer.moments is not None:
+            return whitened_separable(layer.weight, rank[0], layer.moments, layer.group)
         return spatial_separable(layer.weight, rank[0], layer.group)
 
     def weights(self, factors: SpatialSeparable) -> list[np.ndarray]:

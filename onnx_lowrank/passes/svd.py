@@ -12,6 +12,7 @@ import math
 import numpy as np
 
 from ..cost import ConvShape
+from ..decompose.metrics import whitened_channel_spectrum, whitened_channel_svd
 from ..decompose.svd import (
     ChannelSVD,
     Tucker2,
@@ -20,6 +21,7 @@ from ..decompose.svd import (
     tucker2,
     tucker2_spectra,
 )
+from ..graph import ConvGeometry
 from .base import ConvLayer, ConvPass, stage_geometry
 
 
@@ -31,7 +33,12 @@ class ChannelSVDPass(ConvPass):
         return (min(layer.out_channels // g, layer.in_channels // g * math.prod(layer.kernel)),)
 
     def spectra(self, layer: ConvLayer) -> list[list[np.ndarray]]:
+        if layer.moments is not None:
+            return [whitened_channel_spectrum(layer.weight, layer.moments, layer.group)]
         return [channel_svd_spectrum(layer.weight, layer.group)]
+
+    def whitening(self, layer: ConvLayer) -> ConvGeometry:
+        return stage_geometry(len(layer.kernel), layer.group, None, layer)
 
     def layout(self, layer: ConvLayer, rank: tuple[int, ...]) -> list[ConvShape]:
         (k,), g, nd = rank, layer.group, len(layer.kernel)
@@ -43,6 +50,8 @@ class ChannelSVDPass(ConvPass):
         ]
 
     def decompose(self, layer: ConvLayer, rank: tuple[int, ...]) -> ChannelSVD:
+        if layer.moments is not None:
+            return whitened_channel_svd(layer.weight, rank[0], layer.moments, layer.group)
         return channel_svd(layer.weight, rank[0], layer.group)
 
     def weights(self, factors: ChannelSVD) -> list[np.ndarray]:

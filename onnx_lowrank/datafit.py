@@ -1,0 +1,287 @@
+"""Data-aware fitting of one conv layer on calibration data, without backpropagation.
+
+Per layer, in graph order (sequential mode: on inputs produced by the already compressed upstream
+layers, so their error is corrected here; otherwise on the original model's inputs):
+1. whitening (methods whose pass names patches): the second moment of the layer's input patches
+   weighs the factorization (Denton eq. 3);
+2. the pass factors and splices its chain;
+3. data reconstruction (`fit="data"`): the chain's last Conv is refitted by least squares so
+   the chain's output matches the ORIGINAL layer's output on the calibration data; bias
+   correction (`fit="weights"`): only the last Conv's bias moves, so each output channel's mean
+   matches the original's.
+Only accumulated statistics are kept (Gram matrices over sampled output positions), never all
+activations, so memory stays bounded by one batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+
+from .assemble import assemble
+from .calibrate import Samples
+from .config import Calibration, OptimizeConfig
+from .decompose.metrics import least_squares, residual
+from .graph import ConvGeometry, constant_value, default_opset
+from .passes.base import ConvLayer, ConvPass
+from .report import LayerRecord
+from .runtime import session
+
+log = logging.getLogger(__name__)
+POSITIONS = 64  # output positions sampled per image for the statistics
+
+
+@dataclass
+class DataContext:
+    """What every layer's data fit needs: the model before any rewrite and the samples."""
+
+    original: onnx.ModelProto
+    samples: Samples
+    calibration: Calibration
+    seed: int = 0
+
+
+def fit_layer(
+    graph: gs.Graph, layer: ConvLayer, conv_pass: ConvPass, config: OptimizeConfig, ctx: DataContext
+) -> LayerRecord:
+    """Whiten, factor, splice and refit one layer; the record says which fit was used."""
+    cal = ctx.calibration
+    x_name, y_name, origin = (
+        layer.node.inputs[0].name,
+        layer.node.outputs[0].name,
+        layer.node.origin,
+    )
+    source = assemble(ctx.original, graph) if cal.sequential else ctx.original
+    geometry = conv_pass.whitening(layer) if cal.fit == "data" else None
+    if geometry is not None:
+        layer.moments = _moments(_batches(ctx, source, [x_name]), x_name, geometry, ctx.seed)
+    record = conv_pass.rewrite(graph, layer, config)
+    if record.status != "rewritten":
+        return record
+    chain = [n for n in graph.nodes if getattr(n, "anchor", None) == origin]
+    last, order = _last_conv(chain)
+    stats = _statistics(ctx, source, chain, last, order, x_name, y_name)
+    weight = constant_value(last.inputs[1])
+    bias = constant_value(last.inputs[2]) if len(last.inputs) > 2 else None
+    bias = bias if bias is not None else np.zeros(len(weight), weight.dtype)
+    before = stats.error(weight, bias)
+    if cal.fit == "data":
+        new_weight, new_bias = stats.solve(weight)
+        record.fit = "data: whitened + least squares" if geometry else "data: least squares"
+    else:
+        new_weight, new_bias = (
+            weight,
+            (bias + stats.mean_target - stats.mean_output).astype(bias.dtype),
+        )
+        record.fit = "weights + bias correction"
+    after = stats.error(new_weight, new_bias)
+    if after > before:  # never worse than the plain fit (the ridge can, on a tiny sample)
+        new_weight, new_bias, after = weight, bias, before
+    else:
+        _replace(last, new_weight, new_bias)
+    record.output_error_before, record.output_error_after = before, after
+    return record
+
+
+def _last_conv(chain: list[gs.Node]) -> tuple[gs.Node, np.ndarray | None]:
+    """The chain's last Conv, and the order a trailing Gather applies to its output channels."""
+    last = [n for n in chain if n.op == "Conv"][-1]
+    gathers = [n for n in chain[chain.index(last) + 1 :] if n.op == "Gather"]
+    return last, (constant_value(gathers[-1].inputs[1]) if gathers else None)
+
+
+def _batches(ctx: DataContext, model: onnx.ModelProto, names: list[str]):
+    """Yield {name: array} per calibration batch from `model` with the named tensors exposed."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    outputs = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in outputs)
+    sess = session(probe, optimize=False)
+    for feed in ctx.samples.batches(ctx.calibration.batch):
+        yield dict(zip(names, sess.run(names, feed)))
+
+
+def _moments(batches, name: str, geometry: ConvGeometry, seed: int) -> list[np.ndarray]:
+    """Per group, the second moment of the input patches `geometry` reads."""
+    rng = np.random.default_rng(seed)
+    geo = _geometry_2d(geometry)
+    moments = None
+    for batch in batches:
+        x = _as_2d(batch[name])
+        patches = _patches(x, geo, _positions(rng, geo, x.shape[2:]))
+        parts = [q.reshape(len(q), -1).astype(np.float64) for q in np.split(patches, geo.group, 1)]
+        grams = [q.T @ q for q in parts]
+        moments = grams if moments is None else [m + g for m, g in zip(moments, grams)]
+    return moments
+
+
+@dataclass
+class _Stats:
+    """Per group of the last conv: Gram of its input patches with a ones column (the bias),
+    cross product with the target, and target power; per-channel means for bias correction."""
+
+    grams: list[np.ndarray]
+    crosses: list[np.ndarray]
+    powers: list[float]
+    mean_target: np.ndarray
+    mean_output: np.ndarray
+
+    def _solutions(self, weight: np.ndarray, bias: np.ndarray):
+        flat = weight.reshape(len(weight), -1).astype(np.float64)
+        for rows in np.array_split(np.arange(len(weight)), len(self.grams)):
+            yield np.vstack([flat[rows].T, bias[rows][None].astype(np.float64)])
+
+    def error(self, weight: np.ndarray, bias: np.ndarray) -> float:
+        """Relative output error of the last conv with these weights, on the sampled data."""
+        total = sum(
+            residual(g, c, p, s)
+            for g, c, p, s in zip(
+                self.grams, self.crosses, self.powers, self._solutions(weight, bias)
+            )
+        )
+        power = sum(self.powers)
+        return float(np.sqrt(total / power)) if power > 0 else 0.0
+
+    def solve(self, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Least-squares weights and bias of the last conv."""
+        solutions = [least_squares(g, c) for g, c in zip(self.grams, self.crosses)]
+        new_weight = np.concatenate([s[:-1].T for s in solutions]).reshape(weight.shape)
+        new_bias = np.concatenate([s[-1] for s in solutions])
+        return new_weight.astype(weight.dtype), new_bias.astype(weight.dtype)
+
+
+def _statistics(ctx, source, chain, last, order, x_name: str, y_name: str) -> _Stats:
+    """Run the chain on the layer's inputs and the original model for its targets."""
+    rng = np.random.default_rng(ctx.seed + 1)
+    z_name, out_name = last.inputs[0].name, last.outputs[0].name
+    mini = session(_chain_model(ctx.original, chain, x_name, [z_name, out_name]), optimize=False)
+    if source is ctx.original:
+        batches = _batches(ctx, ctx.original, [x_name, y_name])
+    else:
+        batches = (
+            {**a, **b}
+            for a, b in zip(_batches(ctx, source, [x_name]), _batches(ctx, ctx.original, [y_name]))
+        )
+    geo = _geometry_2d(_node_geometry(last))
+    acc: dict = {"grams": None, "crosses": None, "powers": None, "sum_t": 0.0, "sum_o": 0.0, "n": 0}
+    for batch in batches:
+        z, out = mini.run([z_name, out_name], {x_name: batch[x_name]})
+        y = batch[y_name] if order is None else batch[y_name][:, np.argsort(order)]
+        _accumulate(acc, rng, geo, _as_2d(z), _as_2d(y), _as_2d(out))
+    return _Stats(
+        acc["grams"],
+        acc["crosses"],
+        acc["powers"],
+        acc["sum_t"] / acc["n"],
+        acc["sum_o"] / acc["n"],
+    )
+
+
+def _accumulate(acc: dict, rng, geo: ConvGeometry, z, y, out) -> None:
+    rows, cols = _positions(rng, geo, z.shape[2:], y.shape[2:])
+    patches = _patches(z, geo, (rows, cols))
+    target = y[:, :, rows, cols].transpose(0, 2, 1).reshape(-1, y.shape[1]).astype(np.float64)
+    grams, crosses, powers = [], [], []
+    for p, t in zip(np.split(patches, geo.group, 1), np.split(target, geo.group, 1)):
+        flat = np.hstack([p.reshape(len(p), -1).astype(np.float64), np.ones((len(p), 1))])
+        grams.append(flat.T @ flat)
+        crosses.append(flat.T @ t)
+        powers.append(float(np.sum(t**2)))
+    for key, new in (("grams", grams), ("crosses", crosses), ("powers", powers)):
+        acc[key] = new if acc[key] is None else [a + b for a, b in zip(acc[key], new)]
+    acc["sum_t"] = acc["sum_t"] + y.astype(np.float64).sum(axis=(0, 2, 3))
+    acc["sum_o"] = acc["sum_o"] + out.astype(np.float64).sum(axis=(0, 2, 3))
+    acc["n"] += y.shape[0] * y.shape[2] * y.shape[3]
+
+
+def _chain_model(
+    original: onnx.ModelProto, chain: list[gs.Node], x_name: str, outputs: list[str]
+) -> onnx.ModelProto:
+    """A model of the chain's nodes alone: the layer input in, the named tensors out."""
+    nodes = [OnnxExporter.export_node(n) for n in chain]
+    inits, seen = [], set()
+    for n in chain:
+        for t in n.inputs:
+            if isinstance(t, gs.Constant) and t.name not in seen:
+                seen.add(t.name)
+                inits.append(OnnxExporter.export_tensor_proto(t))
+            elif t.name != x_name and constant_value(t) is not None and t.name not in seen:
+                seen.add(t.name)  # a weight held elsewhere (e.g. the original bias)
+                inits.append(onnx.numpy_helper.from_array(constant_value(t), t.name))
+    graph = onnx.helper.make_graph(
+        nodes,
+        "chain",
+        [onnx.ValueInfoProto(name=x_name)],
+        [onnx.ValueInfoProto(name=n) for n in outputs],
+        inits,
+    )
+    graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+    opset = onnx.helper.make_opsetid("", default_opset(original) or 13)
+    return onnx.helper.make_model(graph, opset_imports=[opset], ir_version=original.ir_version)
+
+
+def _replace(conv: gs.Node, weight: np.ndarray, bias: np.ndarray) -> None:
+    """New constants for the refitted weight and bias (existing ones are never mutated)."""
+    base = conv.name
+    conv.inputs[1] = gs.Constant(f"{base}/refit/weight", np.ascontiguousarray(weight))
+    new_bias = gs.Constant(f"{base}/refit/bias", np.ascontiguousarray(bias))
+    if len(conv.inputs) > 2:
+        conv.inputs[2] = new_bias
+    else:
+        conv.inputs.append(new_bias)
+
+
+def _node_geometry(conv: gs.Node) -> ConvGeometry:
+    weight = constant_value(conv.inputs[1])
+    nd = weight.ndim - 2
+    a = conv.attrs
+    return ConvGeometry(
+        tuple(weight.shape[2:]),
+        tuple(a.get("strides", [1] * nd)),
+        tuple(a.get("dilations", [1] * nd)),
+        tuple(a.get("pads", [0] * 2 * nd)),
+        int(a.get("group", 1)),
+    )
+
+
+def _geometry_2d(g: ConvGeometry) -> ConvGeometry:
+    """A 1-D conv's geometry as a 2-D one of height 1."""
+    if len(g.kernel) == 2:
+        return g
+    return ConvGeometry(
+        (1, *g.kernel), (1, *g.strides), (1, *g.dilations), (0, g.pads[0], 0, g.pads[1]), g.group
+    )
+
+
+def _as_2d(x: np.ndarray) -> np.ndarray:
+    return x[:, :, None, :] if x.ndim == 3 else x
+
+
+def _positions(rng, geo: ConvGeometry, in_size, out_size=None) -> tuple[np.ndarray, np.ndarray]:
+    """Up to POSITIONS output positions (row, col indices), all of them on small maps."""
+    out_size = out_size or [geo.output_size(s, a) for a, s in enumerate(in_size)]
+    total = out_size[0] * out_size[1]
+    flat = np.arange(total) if total <= POSITIONS else rng.choice(total, POSITIONS, replace=False)
+    return flat // out_size[1], flat % out_size[1]
+
+
+def _patches(x: np.ndarray, geo: ConvGeometry, positions) -> np.ndarray:
+    """(B*P, C, kH, kW): the input patch each sampled output position reads."""
+    (top, left), (bottom, right) = geo.pads[:2], geo.pads[2:]
+    padded = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
+    rows, cols = positions
+    r = (
+        rows[:, None, None] * geo.strides[0]
+        + np.arange(geo.kernel[0])[None, :, None] * geo.dilations[0]
+    )
+    c = (
+        cols[:, None, None] * geo.strides[1]
+        + np.arange(geo.kernel[1])[None, None, :] * geo.dilations[1]
+    )
+    patches = padded[:, :, r, c]  # (B, C, P, kH, kW)
+    return patches.transpose(0, 2, 1, 3, 4).reshape(-1, x.shape[1], *geo.kernel)

@@ -1,0 +1,98 @@
+"""Data-aware fitting metrics (Denton et al. 2014, section 3.1; Jaderberg et al. 2014, data
+optimisation), in closed form.
+
+- Data-covariance metric: with S = E[p p^T] the second moment of the inputs a factor reads
+  (input patches of the layer, or of its first stage), the output error of a linear map M is
+  ||(M - M') S^(1/2)||_F. Its best rank-k M' is the projection of M onto the leading
+  singular subspace of the whitened map: for W (out x in) read as y = W p, W' = U_k U_k^T W
+  with U_k from svd(W S^(1/2)); for M read as y = M^T p, M' = M V_k V_k^T with V_k from
+  svd(S^(1/2) M)^T. No inverse of S is needed, and with S = I both are the plain truncated SVD.
+- Data reconstruction: the last factor of a chain is linear in its weights given the chain's
+  intermediate activations Z, so min ||Y - Z A||^2 is the ridge-regularised normal equations
+  (Z^T Z + lambda I) A = Z^T Y, solved from accumulated Gram matrices.
+S is regularised by a small multiple of its mean eigenvalue so rank-deficient inputs stay stable.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .svd import ChannelSVD, SpatialSeparable, _blocks, _f32, _separable_matrix
+
+RIDGE = 1e-4  # relative to the mean diagonal of a Gram/moment matrix
+
+
+def regularized(moment: np.ndarray, ridge: float = RIDGE) -> np.ndarray:
+    """S + ridge * mean(diag S) * I (identity when S is all zero)."""
+    moment = np.asarray(moment, np.float64)
+    scale = float(np.trace(moment)) / len(moment) if len(moment) else 0.0
+    return moment + (ridge * scale if scale > 0 else 1.0) * np.eye(len(moment))
+
+
+def psd_sqrt(moment: np.ndarray) -> np.ndarray:
+    """The symmetric square root of a positive semi-definite matrix (regularised first)."""
+    values, vectors = np.linalg.eigh(regularized(moment))
+    return (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
+
+
+def whitened_channel_spectrum(weight: np.ndarray, moments: list[np.ndarray], groups: int = 1):
+    """Singular values of each group's W S^(1/2) (the data energy of channel SVD)."""
+    return [
+        np.linalg.svd(b.reshape(len(b), -1) @ psd_sqrt(m), compute_uv=False)
+        for b, m in zip(_blocks(weight, groups), moments)
+    ]
+
+
+def whitened_channel_svd(
+    weight: np.ndarray, rank: int, moments: list[np.ndarray], groups: int = 1
+) -> ChannelSVD:
+    """Channel SVD minimising the output error on inputs with patch second moments `moments`
+    (one (C/g*k) x (C/g*k) matrix per group)."""
+    spatials, pointwises = [], []
+    ones = (1,) * (weight.ndim - 2)
+    for block, moment in zip(_blocks(weight, groups), moments):
+        matrix = block.reshape(len(block), -1)
+        u = np.linalg.svd(matrix @ psd_sqrt(moment), full_matrices=False)[0][:, :rank]
+        u = np.pad(u, ((0, 0), (0, rank - u.shape[1])))
+        spatials.append((u.T @ matrix).reshape(rank, *block.shape[1:]))
+        pointwises.append(u.reshape(len(block), rank, *ones))
+    return ChannelSVD(_f32(spatials), _f32(pointwises), groups)
+
+
+def whitened_separable_spectrum(weight: np.ndarray, moments: list[np.ndarray], groups: int = 1):
+    """Singular values of each group's S^(1/2) M, M the (C*kH) x (N*kW) unfolding."""
+    return [
+        np.linalg.svd(psd_sqrt(m) @ _separable_matrix(b), compute_uv=False)
+        for b, m in zip(_blocks(weight, groups), moments)
+    ]
+
+
+def whitened_separable(
+    weight: np.ndarray, rank: int, moments: list[np.ndarray], groups: int = 1
+) -> SpatialSeparable:
+    """Spatial separable fit weighted by the second moment of the vertical conv's input
+    patches (C/g*kH per group). Cross-column correlations are ignored: the least-squares refit
+    of the horizontal conv accounts for them."""
+    verticals, horizontals = [], []
+    for block, moment in zip(_blocks(weight, groups), moments):
+        n, c, kh, kw = block.shape
+        matrix = _separable_matrix(block)
+        vt = np.linalg.svd(psd_sqrt(moment) @ matrix, full_matrices=False)[2][:rank]
+        vt = np.pad(vt, ((0, rank - len(vt)), (0, 0)))
+        left = matrix @ vt.T  # (C*kH, K)
+        verticals.append(left.T.reshape(rank, c, kh, 1))
+        horizontals.append(vt.reshape(rank, n, kw).transpose(1, 0, 2).reshape(n, rank, 1, kw))
+    return SpatialSeparable(_f32(verticals), _f32(horizontals), groups)
+
+
+def least_squares(gram: np.ndarray, cross: np.ndarray, ridge: float = RIDGE) -> np.ndarray:
+    """argmin_A ||Y - Z A||^2 + lambda ||A||^2 from gram = Z^T Z and cross = Z^T Y."""
+    return np.linalg.solve(regularized(gram, ridge), np.asarray(cross, np.float64))
+
+
+def residual(
+    gram: np.ndarray, cross: np.ndarray, target_power: float, solution: np.ndarray
+) -> float:
+    """||Y - Z A||^2 from the accumulated statistics (no activations kept)."""
+    value = target_power - 2 * np.sum(solution * cross) + np.sum(solution * (gram @ solution))
+    return max(float(value), 0.0)

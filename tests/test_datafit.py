@@ -1,0 +1,158 @@
+"""Data-aware fitting: whitening, least-squares refit, bias correction, sequential mode, and
+calibration loading errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from modelgen import conv_model, run
+
+import onnx_lowrank as ol
+from onnx_lowrank.config import Calibration, Preprocess
+from onnx_lowrank.decompose import metrics, svd
+
+RNG = np.random.default_rng(0)
+W = RNG.standard_normal((32, 16, 3, 3)).astype(np.float32)
+MODEL = conv_model(
+    W, ["N", 16, 8, 8], {"pads": [1, 1, 1, 1]}, RNG.standard_normal(32).astype(np.float32)
+)
+
+
+@pytest.fixture(scope="module")
+def subspace_data(tmp_path_factory):
+    """Inputs whose 16 channels mix 3 latent maps: a low-dimensional subspace."""
+    latent = RNG.standard_normal((96, 3, 8, 8))
+    x = np.einsum("blhw,cl->bchw", latent, RNG.standard_normal((16, 3))).astype(np.float32)
+    path = tmp_path_factory.mktemp("cal") / "cal.npz"
+    np.savez(path, x=x)
+    return str(path), x
+
+
+def _fit(path, method="separable", fit="data", **options):
+    out, report = ol.optimize(
+        MODEL,
+        method=method,
+        check=0,
+        rank_multiple=1,
+        calibration=Calibration(path, fit=fit),
+        **options,
+    )
+    return out, report.records[0]
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_identity_whitening_equals_weight_only_fit(groups):
+    w = RNG.standard_normal((8, 6 // groups, 3, 3))
+    eye = [np.eye(6 // groups * 9)] * groups
+    a, b = metrics.whitened_channel_svd(w, 3, eye, groups), svd.channel_svd(w, 3, groups)
+    np.testing.assert_allclose(a.reconstruct(), b.reconstruct(), atol=1e-5)
+    eye = [np.eye(6 // groups * 3)] * groups
+    a, b = metrics.whitened_separable(w, 4, eye, groups), svd.spatial_separable(w, 4, groups)
+    np.testing.assert_allclose(a.reconstruct(), b.reconstruct(), atol=1e-5)
+
+
+def test_whitened_fits_are_exact_at_full_rank():
+    w = RNG.standard_normal((8, 4, 3, 3))
+    a = RNG.standard_normal((12, 12))
+    assert svd.relative_error(metrics.whitened_separable(w, 12, [a @ a.T]).reconstruct(), w) < 1e-6
+    a = RNG.standard_normal((36, 36))
+    assert svd.relative_error(metrics.whitened_channel_svd(w, 8, [a @ a.T]).reconstruct(), w) < 1e-6
+
+
+def test_data_fit_is_near_exact_on_a_subspace_where_weights_are_not(subspace_data):
+    path, _ = subspace_data
+    _, weights = _fit(path, fit="weights", rank=9)
+    _, data = _fit(path, fit="data", rank=9)
+    assert weights.output_error_after > 0.3
+    assert data.output_error_after < 1e-3
+    assert data.fit.startswith("data")
+
+
+@pytest.mark.parametrize("method", ["separable", "channel-svd", "tucker2", "cp"])
+def test_refit_never_increases_the_output_error(method, subspace_data):
+    path, _ = subspace_data
+    for rank in (2, 4):
+        _, record = _fit(path, method=method, rank=rank, force=True)
+        assert record.output_error_after <= record.output_error_before + 1e-9
+
+
+def test_reported_error_is_the_models_error_on_the_calibration_data(subspace_data):
+    path, x = subspace_data
+    out, record = _fit(path, method="tucker2", rank=3)
+    (ref,), (new,) = run(MODEL, {"x": x}), run(out, {"x": x})
+    measured = np.linalg.norm(new - ref) / np.linalg.norm(ref)
+    assert abs(measured - record.output_error_after) < 1e-3  # 8x8 maps: every position sampled
+
+
+def test_bias_correction_matches_channel_means(subspace_data):
+    path, x = subspace_data
+    out, record = _fit(path, method="channel-svd", fit="weights", rank=2, force=True)
+    assert record.fit == "weights + bias correction"
+    (ref,), (new,) = run(MODEL, {"x": x}), run(out, {"x": x})
+    np.testing.assert_allclose(new.mean(axis=(0, 2, 3)), ref.mean(axis=(0, 2, 3)), atol=1e-3)
+
+
+def test_sequential_mode_corrects_upstream_error(tmp_path):
+    from onnx import helper, numpy_helper
+
+    model = conv_model(W, ["N", 16, 8, 8], {"pads": [1, 1, 1, 1]})
+    w2 = RNG.standard_normal((16, 32, 3, 3)).astype(np.float32)
+    model.graph.initializer.append(numpy_helper.from_array(w2, "W2"))
+    model.graph.node.append(
+        helper.make_node("Conv", ["y", "W2"], ["z"], name="conv2", pads=[1, 1, 1, 1])
+    )
+    model.graph.output[0].name = "z"
+    x = RNG.standard_normal((64, 16, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "c.npz", x=x)
+    errors = {}
+    for sequential in (True, False):
+        cal = Calibration(str(tmp_path / "c.npz"), sequential=sequential)
+        out, _ = ol.optimize(model, method="channel-svd", rank=8, check=0, calibration=cal)
+        (ref,), (new,) = run(model, {"x": x}), run(out, {"x": x})
+        errors[sequential] = np.linalg.norm(new - ref) / np.linalg.norm(ref)
+    assert errors[True] < errors[False]
+
+
+def test_image_folder_calibration(tmp_path):
+    from PIL import Image
+
+    for i in range(5):
+        Image.fromarray(RNG.integers(0, 255, (10, 12, 3), dtype=np.uint8)).save(
+            tmp_path / f"{i}.png"
+        )
+    model = conv_model(RNG.standard_normal((8, 3, 3, 3)).astype(np.float32), ["N", 3, 8, 8])
+    from onnx_lowrank.calibrate import load_samples
+
+    samples = load_samples(str(tmp_path), model, Preprocess(mean=(0.5,), std=(0.25,)))
+    assert samples.arrays["x"].shape == (5, 3, 8, 8) and samples.labels is None
+    assert -2.01 <= samples.arrays["x"].min() and samples.arrays["x"].max() <= 2.01
+    _, report = ol.optimize(
+        model,
+        method="channel-svd",
+        rank=2,
+        check=0,
+        force=True,
+        calibration=Calibration(str(tmp_path)),
+    )
+    assert report.records[0].output_error_after is not None
+
+
+@pytest.mark.parametrize("case", ["name", "shape", "empty", "missing", "kind"])
+def test_calibration_loading_errors_are_one_sentence(case, tmp_path):
+    if case == "name":
+        np.savez(tmp_path / "c.npz", images=np.zeros((4, 16, 8, 8), np.float32))
+        path, match = tmp_path / "c.npz", "no array for model input"
+    elif case == "shape":
+        np.savez(tmp_path / "c.npz", x=np.zeros((4, 3, 8, 8), np.float32))
+        path, match = tmp_path / "c.npz", "expects"
+    elif case == "empty":
+        (tmp_path / "images").mkdir()
+        path, match = tmp_path / "images", "no image files"
+    elif case == "missing":
+        path, match = tmp_path / "nope.npz", "no such file"
+    else:
+        (tmp_path / "c.txt").write_text("1 2 3")
+        path, match = tmp_path / "c.txt", "expected an .npz"
+    with pytest.raises(ol.LowRankError, match=match) as info:
+        ol.optimize(MODEL, rank=2, calibration=Calibration(str(path)))
+    assert "\n" not in str(info.value)
