@@ -13,7 +13,7 @@ import onnx_graphsurgeon as gs
 
 from .assemble import assemble, tag_origins
 from .calibrate import load_samples
-from .config import OptimizeConfig
+from .config import NO_ENERGY, OptimizeConfig
 from .cost import model_macs
 from .datafit import DataContext, fit_layer
 from .decompose.rank import rank_for_energy
@@ -43,6 +43,7 @@ def optimize(
     model: onnx.ModelProto | str | os.PathLike | gs.Graph,
     config: OptimizeConfig | None = None,
     output: str | os.PathLike | None = None,
+    external_data: bool = False,
     **options: Any,
 ):
     """Rewrite every Conv (and Gemm/MatMul) the config allows into its low-rank chain.
@@ -50,7 +51,8 @@ def optimize(
     `model` is an onnx.ModelProto, a path, or an onnx-graphsurgeon Graph; a Graph gives back a
     Graph, the others a ModelProto. Options mirror the CLI flags (method=, rank=, ranks=,
     energy=, max_error=, speedup=, force=, fc=, input_shapes=, check=, tolerance=, seed=, ...)
-    when no `config` is given. With `output`, the model is also written there atomically."""
+    when no `config` is given. With `output`, the model is also written there atomically
+    (weights in `output`.data when `external_data`, the input used external data, or past 2 GB)."""
     config = config or OptimizeConfig.from_options(**options)
     original, external = _as_model(model)
     pinned = _pinned_copy(original, config)
@@ -68,7 +70,7 @@ def optimize(
     if config.check:
         report.validation = _check(pinned, result, config)
     if output is not None:
-        save_model(result, output, external=external)
+        save_model(result, output, external=external or external_data)
         report.totals["file_bytes_after"] = os.path.getsize(output)
     if isinstance(model, gs.Graph):
         return gs.import_onnx(result), report
@@ -144,6 +146,8 @@ def inspect(
             "energy_ranks": {},
         }
         for p in passes:
+            if p.method in NO_ENERGY:  # no spectrum, so no energy ranks
+                continue
             if getattr(p, "skip_reason", lambda _: None)(layer) is None:
                 row["energy_ranks"][p.method] = {
                     f"{e:g}": [

@@ -14,7 +14,7 @@ import sys
 from rich.console import Console
 
 from . import __version__
-from .config import METHODS, OptimizeConfig
+from .config import METHODS, Calibration, OptimizeConfig, Preprocess
 from .errors import LowRankError
 from .graph import parse_input_shapes
 
@@ -60,9 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("reference")
     p.add_argument("candidate")
     p.add_argument(
-        "--data", metavar="FILE", help=".npz (inputs by name or 'x', labels 'y') or .npy"
+        "--data",
+        metavar="PATH",
+        help=".npz (inputs by name or 'x', labels 'y'), .npy, or a folder of images (class "
+        "subfolders give labels)",
     )
     _add_common(p)
+    _add_preprocess(p)
     p.add_argument("--json", metavar="FILE", help="also write the result as JSON")
     p = sub.add_parser("bench", help="median latency in onnxruntime (and the speedup of B over A)")
     p.add_argument("models", nargs="+", metavar="MODEL", help="one or two models")
@@ -159,6 +163,61 @@ def _add_optimize(p: argparse.ArgumentParser) -> None:
         help="write the weights to OUTPUT.data (automatic past 2 GB or when the input did)",
     )
     _add_common(p)
+    data = p.add_argument_group("calibration (data-aware fits)")
+    data.add_argument(
+        "--calibration",
+        metavar="PATH",
+        help="unlabelled inputs: .npz (arrays by input name), .npy, or a folder of images",
+    )
+    data.add_argument(
+        "--calibration-size", type=int, default=256, metavar="N", help="samples used (default 256)"
+    )
+    data.add_argument(
+        "--fit",
+        choices=("weights", "data"),
+        default="data",
+        help="data (default): whitened fit + least-squares refit of each chain's last conv; "
+        "weights: weight-only fit + bias correction",
+    )
+    data.add_argument(
+        "--no-sequential",
+        action="store_true",
+        help="fit every layer on the original model's inputs, not on the compressed upstream's",
+    )
+    _add_preprocess(p)
+
+
+def _add_preprocess(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("image folders (--calibration / --data)")
+    g.add_argument("--size", metavar="H,W", help="resize to H,W (default: the input's size)")
+    g.add_argument("--scale", type=float, default=1 / 255, help="pixel scale (default 1/255)")
+    g.add_argument("--mean", metavar="M[,M,M]", help="subtracted after scaling (default 0)")
+    g.add_argument("--std", metavar="S[,S,S]", help="divided by after the mean (default 1)")
+    g.add_argument("--layout", choices=("auto", "nchw", "nhwc"), default="auto")
+    g.add_argument("--channels", choices=("auto", "rgb", "bgr", "gray"), default="auto")
+
+
+def _preprocess(args) -> Preprocess:
+    def floats(text, name):
+        try:
+            return tuple(float(v) for v in text.split(","))
+        except ValueError:
+            raise LowRankError(f"--{name} {text!r}: expected numbers separated by commas") from None
+
+    size = None
+    if args.size:
+        size = floats(args.size, "size")
+        if len(size) != 2 or min(size) < 1:
+            raise LowRankError(f"--size {args.size!r}: expected H,W")
+        size = (int(size[0]), int(size[1]))
+    return Preprocess(
+        size=size,
+        scale=args.scale,
+        mean=floats(args.mean, "mean") if args.mean else (0.0,),
+        std=floats(args.std, "std") if args.std else (1.0,),
+        layout=args.layout,
+        channels=args.channels,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,12 +275,9 @@ def _optimize(args, console: Console) -> int:
         seed=args.seed,
         provider=args.provider,
         progress=not args.quiet and sys.stderr.isatty(),
+        calibration=_calibration(args),
     )
-    model, report = optimize(args.input, config, output=args.output)
-    if args.external_data:
-        from .graph import save_model
-
-        save_model(model, args.output, external=True)
+    _, report = optimize(args.input, config, output=args.output, external_data=args.external_data)
     report.render(console, verbose=args.verbose > 0)
     if args.report:
         report.to_json(args.report)
@@ -238,6 +294,18 @@ def _optimize(args, console: Console) -> int:
         )
         return EXIT_CHECK_FAILED
     return EXIT_OK
+
+
+def _calibration(args) -> Calibration | None:
+    if not args.calibration:
+        return None
+    return Calibration(
+        args.calibration,
+        size=args.calibration_size,
+        fit=args.fit,
+        sequential=not args.no_sequential,
+        preprocess=_preprocess(args),
+    )
 
 
 def _check_paths(src: str, dst: str) -> None:
@@ -274,15 +342,17 @@ def _inspect(args, console: Console) -> int:
 
 
 def _compare(args, console: Console) -> int:
+    from .calibrate import load_samples
     from .graph import load_model, pin_input_shapes
-    from .runtime import load_data, random_inputs
+    from .runtime import random_inputs
     from .validate import compare
 
     a, b = load_model(args.reference).model, load_model(args.candidate).model
     for m in (a, b):
         pin_input_shapes(m, parse_input_shapes(args.input_shape))
     if args.data:
-        feeds, labels = load_data(args.data, a)
+        samples = load_samples(args.data, a, _preprocess(args))
+        feeds, labels = list(samples.batches(64)), samples.labels
     else:
         feeds, labels = random_inputs(a, args.check, seed=args.seed), None
     result = compare(a, b, feeds, labels, provider=args.provider)

@@ -77,17 +77,20 @@ class Report:
 
 
 def layer_table(records: list[LayerRecord], verbose: bool = False) -> Table:
-    """One row per rewritten layer; skipped ones too when verbose (else a count)."""
+    """One row per rewritten layer; skipped ones too when verbose (else a count). With
+    calibration data, the fit used and the output error before -> after the refit."""
     table = Table(title="Layers", title_justify="left")
-    for col in ("node", "op", "method", "rank", "MACs before", "MACs after", "ratio", "weight err"):
-        table.add_column(
-            col, justify="right" if col[0].isupper() or col in ("ratio", "rank") else "left"
-        )
+    data = any(r.output_error_after is not None for r in records)
+    columns = ["node", "op", "method", "rank", "MACs before", "MACs after", "ratio", "weight err"]
+    columns += ["fit", "output err (calibration)"] if data else []
+    for col in columns:
+        right = col[0].isupper() or col in ("ratio", "rank", "weight err")
+        table.add_column(col, justify="right" if right else "left")
     table.add_column("status / reason")
     shown = [r for r in records if verbose or r.status == "rewritten"]
     for r in shown:
         ratio = f"{r.macs_before / r.macs_after:.2f}x" if r.macs_before and r.macs_after else ""
-        table.add_row(
+        cells = [
             r.node,
             r.op,
             r.method or "",
@@ -95,15 +98,25 @@ def layer_table(records: list[LayerRecord], verbose: bool = False) -> Table:
             _count(r.macs_before),
             _count(r.macs_after),
             ratio,
-            f"{r.fit_error:.4f}" if r.fit_error is not None else "",
-            (r.status + (f" ({r.detail})" if r.detail else ""))
-            if r.status == "rewritten"
-            else f"skipped: {r.reason}",
-        )
+            _number(r.fit_error),
+        ]
+        if data:
+            change = (
+                f"{r.output_error_before:.4f} -> {r.output_error_after:.4f}"
+                if r.output_error_after is not None
+                else ""
+            )
+            cells += [r.fit or "", change]
+        status = r.status + (f" ({r.detail})" if r.detail else "")
+        table.add_row(*cells, status if r.status == "rewritten" else f"skipped: {r.reason}")
     hidden = len(records) - len(shown)
     if hidden:
         table.caption = f"{hidden} layer(s) skipped; -v lists them with the reason"
     return table
+
+
+def _number(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"
 
 
 def totals_table(totals: dict[str, Any]) -> Table:

@@ -182,3 +182,23 @@ def test_bench_cuda_missing_is_a_clear_error(model_path):
     run = cli("bench", model_path, "--provider", "cuda", "--runs", "1")
     assert run.returncode == 2 and "onnxruntime-gpu" in run.stderr
     assert len(run.stderr.strip().splitlines()) == 1
+
+
+def test_optimize_with_calibration_data(model_path, tmp_path):
+    rng = np.random.default_rng(2)
+    np.savez(tmp_path / "cal.npz", x=rng.standard_normal((16, 16, 20, 20)).astype(np.float32))
+    out, report = tmp_path / "o.onnx", tmp_path / "r.json"
+    run = cli("optimize", model_path, out, "--rank", "4", "--calibration", tmp_path / "cal.npz",
+              "--calibration-size", "8", "--report", report)
+    assert run.returncode == 0, run.stderr
+    assert "output err (calibration)" in run.stdout
+    layer = json.loads(report.read_text())["layers"][0]
+    assert layer["fit"].startswith("data") and layer["output_error_after"] <= layer["output_error_before"]
+    assert json.loads(report.read_text())["config"]["calibration"]["size"] == 8
+
+
+def test_bad_calibration_is_one_line(model_path, tmp_path):
+    np.savez(tmp_path / "cal.npz", images=np.zeros((2, 16, 20, 20), np.float32))
+    run = cli("optimize", model_path, tmp_path / "o.onnx", "--calibration", tmp_path / "cal.npz")
+    assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1
+    assert "no array for model input" in run.stderr and not (tmp_path / "o.onnx").exists()
