@@ -8,9 +8,16 @@ from typing import Any
 
 from .errors import LowRankError
 
-CONV_METHODS = ("separable", "channel-svd", "tucker2", "cp")
+CLUSTERED = ("monochromatic", "bicluster-svd", "bicluster-outer")  # Denton et al. 2014
+CONV_METHODS = ("separable", "channel-svd", "tucker2", "cp", *CLUSTERED)
 METHODS = CONV_METHODS + ("fc-svd",)
-NO_ENERGY = ("cp",)  # CP has no singular values: --energy means nothing for it
+# Methods for which --energy means nothing, and why.
+NO_ENERGY = {
+    "cp": "a CP decomposition has no singular values",
+    "monochromatic": "its size is a number of colours (--colors), not a spectrum",
+    "bicluster-svd": "its ranks are per block of a clustering, with no one spectrum",
+    "bicluster-outer": "an outer-product (CP) fit has no singular values",
+}
 DEFAULT_ENERGY = 0.95
 RANK_KINDS = ("rank", "energy", "error", "speedup")
 PROVIDERS = ("cpu", "cuda")
@@ -103,6 +110,8 @@ class OptimizeConfig:
     provider: str = "cpu"
     progress: bool = False
     calibration: Calibration | None = None
+    colors: int | None = None  # monochromatic: C' colour channels
+    groups: tuple[int, int] | None = None  # bicluster-*: (G input, H output) channel clusters
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -119,9 +128,30 @@ class OptimizeConfig:
             raise LowRankError(f"unknown provider {self.provider!r}; choose cpu or cuda")
         if self.method in NO_ENERGY and self.rank is not None and self.rank.kind == "energy":
             raise LowRankError(
-                f"--energy has no meaning for {self.method}: a CP decomposition has no singular "
-                "values; use --rank, --max-error or --speedup"
+                f"--energy has no meaning for {self.method}: {NO_ENERGY[self.method]}; use "
+                f"{'--colors' if self.method == 'monochromatic' else '--rank'}, --max-error or "
+                "--speedup"
             )
+        self._check_clustered()
+
+    def _check_clustered(self) -> None:
+        """--colors and --groups: whole numbers, and only with the methods that use them."""
+        if self.colors is not None:
+            if self.method != "monochromatic":
+                raise LowRankError("--colors applies to --method monochromatic only")
+            if self.colors < 1:
+                raise LowRankError(f"--colors must be >= 1, got {self.colors}")
+            if self.rank is not None:
+                raise LowRankError("give --colors or a target (--max-error, --speedup), not both")
+        if self.method == "monochromatic" and self.rank is not None and self.rank.kind == "rank":
+            raise LowRankError("--rank/--ranks do not apply to monochromatic; use --colors C'")
+        if self.groups is not None:
+            if not self.method.startswith("bicluster"):
+                raise LowRankError("--groups applies to the bicluster-svd/-outer methods only")
+            if len(self.groups) != 2 or min(self.groups) < 1:
+                raise LowRankError(f"--groups must be two whole numbers >= 1, got {self.groups}")
+        if self.method == "bicluster-outer" and self.rank is not None and self.rank.second:
+            raise LowRankError("bicluster-outer has one rank: use --rank K, not --ranks")
 
     def target(self, method: str) -> RankSpec:
         """The rank target for `method`: the one given, else --energy 0.95, or for CP methods
@@ -158,6 +188,8 @@ class OptimizeConfig:
             data["calibration"] = Calibration(**cal)
         if "input_shapes" in data:
             data["input_shapes"] = {k: tuple(v) for k, v in data["input_shapes"].items()}
+        if data.get("groups") is not None:
+            data["groups"] = tuple(data["groups"])
         return cls(**data)
 
     @classmethod
