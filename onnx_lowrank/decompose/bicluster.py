@@ -58,7 +58,7 @@ class BiclusterSVD:
         a = self.input_factors.astype(np.float64).reshape(g, h, k1, -1)
         core = self.core.astype(np.float64).reshape(g, h, k2, k1, kh, kw)
         b = self.output_factors.astype(np.float64).reshape(h, n // h, g, k2)
-        blocks = np.einsum("hngq,ghqpyx,ghpc->ghncyx", b, core, a)
+        blocks = np.einsum("hngq,ghqpyx,ghpc->ghncyx", b, core, a, optimize=True)
         dense = _assemble(blocks, self.in_order, self.out_order)
         return dense.astype(self.core.dtype)
 
@@ -92,7 +92,7 @@ class BiclusterOuter:
             g, h, k, *self.spatial_factors.shape[2:]
         )
         c = self.output_factors.astype(np.float64).reshape(h, n // h, g, k)
-        blocks = np.einsum("hngk,ghkyx,ghkc->ghncyx", c, b, a)
+        blocks = np.einsum("hngk,ghkyx,ghkc->ghncyx", c, b, a, optimize=True)
         dense = _assemble(blocks, self.in_order, self.out_order)
         return dense.astype(self.spatial_factors.dtype)
 
@@ -146,10 +146,9 @@ def bicluster_outer(
     k = max(1, min(rank, p * t, t * q, p * q))
     # Blocks as 3-tensors (C/G, kH*kW, N/H).
     tensors = blocks.reshape(g, h, q, p, t).transpose(0, 1, 3, 4, 2)
-    fits = [_cp(tensors[i, j], k, refine_iters) for i in range(g) for j in range(h)]
-    a = np.stack([f[0] for f in fits]).reshape(g, h, p, k)
-    b = np.stack([f[1] for f in fits]).reshape(g, h, t, k)
-    c = np.stack([f[2] for f in fits]).reshape(g, h, q, k)
+    a, b, c = (
+        f.reshape(g, h, -1, k) for f in _cp(tensors.reshape(g * h, p, t, q), k, refine_iters)
+    )
     dtype = output_dtype(weight)
     result = BiclusterOuter(
         input_factors=a.transpose(0, 1, 3, 2).reshape(g * h * k, p, 1, 1).astype(dtype),
@@ -225,8 +224,12 @@ def _chain(fit: BiclusterSVD | BiclusterOuter, middle: Stage, bias) -> list[Stag
 
 def _leading(matrix: np.ndarray, k: int) -> np.ndarray:
     """k leading left singular vectors, orthonormal even when k exceeds the matrix's rank."""
-    vectors = np.linalg.eigh(matrix @ matrix.T)[1]
-    return vectors[:, ::-1][:, :k]
+    rows, cols = matrix.shape
+    if rows > cols and k <= cols:
+        return np.linalg.svd(matrix, full_matrices=False)[0][:, :k]
+    # Wide unfoldings (the usual case): the small Gram matrix's eigenvectors are much cheaper
+    # than an SVD, and also complete the basis when k exceeds the rank.
+    return np.linalg.eigh(matrix @ matrix.T)[1][:, ::-1][:, :k]
 
 
 def _tucker2(block: np.ndarray, k1: int, k2: int):
@@ -235,58 +238,67 @@ def _tucker2(block: np.ndarray, k1: int, k2: int):
     a = _leading(block.transpose(1, 0, 2, 3).reshape(p, -1), k1)
     b = _leading(block.reshape(q, -1), k2)
     for _ in range(_HOOI_SWEEPS):
-        projected = np.einsum("ncyx,nq->cqyx", block, b)
-        a = _leading(projected.reshape(p, -1), k1)
-        b = _leading(np.einsum("ncyx,cp->npyx", block, a).reshape(q, -1), k2)
-    return a, np.einsum("nq,ncyx,cp->qpyx", b, block, a), b
+        projected = np.tensordot(b, block, axes=([0], [0]))  # (K2, P, kH, kW)
+        a = _leading(projected.transpose(1, 0, 2, 3).reshape(p, -1), k1)
+        projected = np.tensordot(block, a, axes=([1], [0]))  # (Q, kH, kW, K1)
+        b = _leading(projected.reshape(q, -1), k2)
+    core = np.tensordot(np.tensordot(b, block, axes=([0], [0])), a, axes=([1], [0]))
+    return a, core.transpose(0, 3, 1, 2), b
 
 
-def _cp(tensor: np.ndarray, k: int, refine_iters: int):
-    """Factors (P, K), (T, K), (Q, K) of a rank-K CP fit of a (P, T, Q) tensor."""
-    p, t, q = tensor.shape
+def _cp(tensors: np.ndarray, k: int, refine_iters: int) -> list[np.ndarray]:
+    """Factors (B, P, K), (B, T, K), (B, Q, K) of rank-K CP fits of B tensors (P, T, Q)."""
+    _, p, t, q = tensors.shape
     if k >= min(p * t, t * q, p * q):
-        return _exact_cp(tensor)
-    factors = [np.zeros((p, k)), np.zeros((t, k)), np.zeros((q, k))]
-    residual = tensor.copy()
+        exact = [_exact_cp(tensor) for tensor in tensors]
+        return [np.stack([fit[mode] for fit in exact]) for mode in range(3)]
+    factors = [np.zeros((len(tensors), n, k)) for n in (p, t, q)]
+    residual = tensors.copy()
     for r in range(k):
         a, b, c = _rank1_als(residual)
-        residual -= np.einsum("p,t,q->ptq", a, b, c)
+        residual -= a[:, :, None, None] * b[:, None, :, None] * c[:, None, None, :]
         for factor, vector in zip(factors, (a, b, c), strict=True):
-            factor[:, r] = vector
-    factors = _joint_als(tensor, factors, refine_iters)
-    return _balance(factors)
+            factor[:, :, r] = vector
+    return _balance(_joint_als(tensors, factors, refine_iters))
 
 
-def _rank1_als(tensor: np.ndarray):
-    """Best rank-1 term of a (P, T, Q) tensor by alternating least squares."""
-    if np.linalg.norm(tensor) == 0.0:
-        return tuple(np.zeros(n) for n in tensor.shape)
-    p, t, q = tensor.shape
-    b = _leading(tensor.transpose(1, 0, 2).reshape(t, -1), 1)[:, 0]
-    c = _leading(tensor.transpose(2, 0, 1).reshape(q, -1), 1)[:, 0]
-    a = np.einsum("ptq,t,q->p", tensor, b, c)
+def _rank1_als(tensors: np.ndarray):
+    """Best rank-1 term of each (P, T, Q) tensor of a batch by alternating least squares."""
+    a = np.ones(tensors.shape[:2])
+    # Start from the leading spatial vector (kH*kW is small), and from the heaviest row of the
+    # tensor contracted with it for the output side; ALS then refines all three.
+    b = np.linalg.eigh(np.einsum("nptq,npsq->nts", tensors, tensors))[1][:, :, -1]
+    contracted = np.einsum("nptq,nt->npq", tensors, b)
+    heaviest = np.argmax((contracted**2).sum(2), axis=1)
+    c = contracted[np.arange(len(tensors)), heaviest]
     for _ in range(_RANK1_ALS_ITERS):
         previous = a
-        b = np.einsum("ptq,p,q->t", tensor, a, c) / max(a @ a * (c @ c), _TOL)
-        c = np.einsum("ptq,p,t->q", tensor, a, b) / max(a @ a * (b @ b), _TOL)
-        a = np.einsum("ptq,t,q->p", tensor, b, c) / max(b @ b * (c @ c), _TOL)
+        a = _contract(tensors, b, c, "nptq,nt,nq->np", (b, c))
+        b = _contract(tensors, a, c, "nptq,np,nq->nt", (a, c))
+        c = _contract(tensors, a, b, "nptq,np,nt->nq", (a, b))
         if np.linalg.norm(a - previous) <= 1e-10 * max(np.linalg.norm(a), _TOL):
             break
     return a, b, c
 
 
-def _joint_als(tensor: np.ndarray, factors: list[np.ndarray], iters: int) -> list[np.ndarray]:
+def _contract(tensors, first, second, spec, others) -> np.ndarray:
+    """One rank-1 ALS update: the tensor contracted with two vectors over their squared norms."""
+    scale = np.maximum((others[0] ** 2).sum(1) * (others[1] ** 2).sum(1), _TOL)
+    return np.einsum(spec, tensors, first, second, optimize=True) / scale[:, None]
+
+
+def _joint_als(tensors: np.ndarray, factors: list[np.ndarray], iters: int) -> list[np.ndarray]:
     """Refine all K terms together: each factor in turn is the least-squares solution."""
-    specs = ("ptq,tk,qk->pk", "ptq,pk,qk->tk", "ptq,pk,tk->qk")
+    specs = ("nptq,ntk,nqk->npk", "nptq,npk,nqk->ntk", "nptq,npk,ntk->nqk")
     for _ in range(iters):
         previous = [f.copy() for f in factors]
         for mode, spec in enumerate(specs):
-            others = [f for i, f in enumerate(factors) if i != mode]
-            gram = (others[0].T @ others[0]) * (others[1].T @ others[1])
-            rhs = np.einsum(spec, tensor, *others)
+            first, second = (f for i, f in enumerate(factors) if i != mode)
+            gram = (first.transpose(0, 2, 1) @ first) * (second.transpose(0, 2, 1) @ second)
+            rhs = np.einsum(spec, tensors, first, second, optimize=True)
             factors[mode] = rhs @ np.linalg.pinv(gram, rcond=1e-12, hermitian=True)
         change = sum(np.linalg.norm(f - g) for f, g in zip(factors, previous, strict=True))
-        if change <= 1e-12 * max(sum(np.linalg.norm(f) for f in factors), _TOL):
+        if change <= 1e-10 * max(sum(np.linalg.norm(f) for f in factors), _TOL):
             break
     return factors
 
@@ -310,7 +322,7 @@ def _exact_cp(tensor: np.ndarray):
 
 def _balance(factors: list[np.ndarray]) -> list[np.ndarray]:
     """Give the three factors of every term the same norm (better float32 round-off)."""
-    norms = np.stack([np.linalg.norm(f, axis=0) for f in factors])  # (3, K)
+    norms = np.stack([np.linalg.norm(f, axis=-2) for f in factors])  # (3, ..., K)
     scale = np.cbrt(norms.prod(0))
     safe = np.where(norms > 0, norms, 1.0)
-    return [f * (scale / s) for f, s in zip(factors, safe, strict=True)]
+    return [f * np.expand_dims(scale / s, -2) for f, s in zip(factors, safe, strict=True)]
