@@ -13,7 +13,8 @@ origin fit one low-rank block). Each of the G*H blocks ``W_gh`` (N/H x C/G x kH 
 ONNX chain (`stages()`): Gather(in_order), 1x1 conv group=G, spatial conv (group=G*H for SVD,
 depthwise for outer) with the original strides/dilations/pads, Gather(mid_order), 1x1 conv
 group=H with the bias, Gather back to the original filter order. Stage-1/2 channels run in
-(g, h, k) order; stage 3 needs (h, g, k), hence ``mid_order``.
+(g, h, k) order; stage 3 needs (h, g, k), hence ``mid_order`` (None when G or H is 1). A Gather
+whose indices are the identity is left out of the chain.
 """
 
 from __future__ import annotations
