@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from .base import ConvPass
+from .bicluster import BiclusterOuterPass, BiclusterSVDPass
 from .cp import CPPass
+from .monochromatic import MonochromaticPass
 from .separable import SeparablePass
 from .svd import ChannelSVDPass, Tucker2Pass
 
@@ -12,4 +14,7 @@ CONV_PASSES: dict[str, type[ConvPass]] = {
     "channel-svd": ChannelSVDPass,
     "tucker2": Tucker2Pass,
     "cp": CPPass,
+    "monochromatic": MonochromaticPass,
+    "bicluster-svd": BiclusterSVDPass,
+    "bicluster-outer": BiclusterOuterPass,
 }
