@@ -120,7 +120,9 @@ def _add_optimize(p: argparse.ArgumentParser) -> None:
     )
     target = p.add_mutually_exclusive_group()
     target.add_argument("--rank", type=int, help="the same rank for every layer (clipped to full)")
-    target.add_argument("--ranks", metavar="R1,R2", help="input and output ranks of tucker2")
+    target.add_argument(
+        "--ranks", metavar="R1,R2", help="input and output ranks of tucker2 and bicluster-svd"
+    )
     target.add_argument(
         "--energy",
         type=float,
@@ -145,6 +147,18 @@ def _add_optimize(p: argparse.ArgumentParser) -> None:
         metavar="M",
         help="round ranks to a "
         "multiple of M when that keeps the target (default 8; 1 turns it off)",
+    )
+    p.add_argument(
+        "--colors",
+        type=int,
+        metavar="C'",
+        help="monochromatic: colour channels (the nearest divisor of N when C' does not divide it)",
+    )
+    p.add_argument(
+        "--groups",
+        metavar="G,H",
+        help="bicluster-svd/-outer: input and output channel clusters (default: with --speedup "
+        "or --max-error the best of a small grid, else 2,2)",
     )
     p.add_argument(
         "--force", action="store_true", help="rewrite layers even when the chain costs more"
@@ -276,6 +290,8 @@ def _optimize(args, console: Console) -> int:
         provider=args.provider,
         progress=not args.quiet and sys.stderr.isatty(),
         calibration=_calibration(args),
+        colors=args.colors,
+        groups=_parse_ranks(args.groups, "--groups") if args.groups else None,
     )
     _, report = optimize(args.input, config, output=args.output, external_data=args.external_data)
     report.render(console, verbose=args.verbose > 0)
@@ -324,10 +340,10 @@ def _check_paths(src: str, dst: str) -> None:
         raise LowRankError(f"{dst}: is a directory; give a file name")
 
 
-def _parse_ranks(text: str) -> tuple[int, int]:
+def _parse_ranks(text: str, flag: str = "--ranks") -> tuple[int, int]:
     parts = text.split(",")
     if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
-        raise LowRankError(f"--ranks {text!r}: expected two whole numbers >= 1, like 32,64")
+        raise LowRankError(f"{flag} {text!r}: expected two whole numbers >= 1, like 32,64")
     return int(parts[0]), int(parts[1])
 
 

@@ -40,6 +40,7 @@ class Choice:
     fit: object | None = None
     notes: list[str] = field(default_factory=list)
     reason: str | None = None
+    fixed: bool = False  # the user gave the size (--colors): no error target applies
 
 
 class ClusteredPass(ConvPass):
@@ -88,7 +89,7 @@ class ClusteredPass(ConvPass):
         fit = choice.fit or self.fit(layer, choice.rank)
         record.fit_error = float(fit.relative_error)
         spec = config.target(self.method)
-        if spec.kind == "error" and record.fit_error > spec.value * (1 + 1e-6):
+        if spec.kind == "error" and not choice.fixed and record.fit_error > spec.value * (1 + 1e-6):
             record.reason = (
                 f"best fit found has weight error {record.fit_error:.4f} > {spec.value:g}"
             )
@@ -193,7 +194,7 @@ class MonochromaticPass(ClusteredPass):
             note = f"{colors} colours"
             if colors != config.colors:
                 note += f" (--colors {config.colors} does not divide N={n}: the nearest divisor)"
-            return Choice((colors,), notes=[note])
+            return Choice((colors,), notes=[note], fixed=True)
         spec = config.target(self.method)
         divisors = [d for d in range(1, n + 1) if n % d == 0]
         if spec.kind == "speedup":
