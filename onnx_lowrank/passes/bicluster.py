@@ -9,9 +9,11 @@ each of the G*H blocks is approximated on its own, and the chain (decompose/bicl
 The output order is folded into the readers where they allow it, else a Gather (permute.py).
 The input order is folded into the producer where it allows it (a Conv feeding only this layer,
 possibly through BatchNormalization/elementwise nodes, or an earlier channel Gather); otherwise a
-Gather, or, for G <= DENSE_MAX_GROUPS, a dense block-sparse first 1x1 (C -> G*H*K1, zero outside
-the blocks) that reads the original channel order: measured cheaper in onnxruntime than Gather +
-grouped 1x1 for those (benchmarks/denton.py).
+Gather. The alternative, a dense block-sparse first 1x1 (C -> G*H*K1, zero outside the blocks)
+reading the original order, was measured in onnxruntime (CPU, 1 thread, benchmarks/denton.py):
+Gather + grouped 1x1 was 2-10% faster on every shape tried (96->256 5x5 at 27 px with (2,2),
+(4,4), (48,2); 64->64 at 56 px; 128->128 at 28 px) and costs fewer MACs, so the dense form is
+used only for G <= DENSE_MAX_GROUPS, 0: never by default.
 Ranks: `--rank K` (both ranks), `--ranks K1,K2` (svd); `--speedup S` and `--max-error X` choose
 the ranks, and G, H from GRID when `--groups` is not given. Skipped: grouped, 1-D and 1x1 convs,
 and C, N not divisible by G, H."""
@@ -33,7 +35,7 @@ from .permute import apply_fold, plan_producer
 log = logging.getLogger(__name__)
 GRID = ((1, 1), (2, 2), (4, 4), (2, 1), (1, 2))  # (G, H) tried when --groups is not given
 RANK_DEFAULT_GROUPS = ((2, 2), (2, 1), (1, 2), (1, 1))  # for --rank without --groups
-DENSE_MAX_GROUPS = 2
+DENSE_MAX_GROUPS = 0  # see the module docstring: the Gather measured faster
 
 
 class BiclusterSVDPass(ClusteredPass):
