@@ -25,6 +25,8 @@ import numpy as np
 from scipy import linalg
 
 Factors = list[np.ndarray]
+# Below this many parameters the damped normal equations are solved directly.
+DENSE_LIMIT = 1500
 
 
 def hadamard_grams(grams: Factors, skip: tuple[int, ...]) -> np.ndarray:
@@ -176,8 +178,30 @@ class _GaussNewton:
             out.append(p @ self.diag[k] + a @ mixed + self.shift * p)
         return out
 
+    def dense(self) -> np.ndarray:
+        """The operator as a matrix over the row-major concatenation of the factors."""
+        blocks = []
+        for k, a_k in enumerate(self.factors):
+            row = []
+            for m, a_m in enumerate(self.factors):
+                if k == m:
+                    block = np.kron(
+                        np.eye(a_k.shape[0]), self.diag[k] + self.shift * np.eye(len(a_k.T))
+                    )
+                else:
+                    block = np.einsum("it,tr,jr->irjt", a_k, self.pair[k, m], a_m)
+                row.append(block.reshape(a_k.size, a_m.size))
+            blocks.append(row)
+        return np.block(blocks)
+
     def solve(self, rhs: Factors, *, tol: float, max_iter: int) -> tuple[Factors, float]:
-        """Block-Jacobi preconditioned CG; returns the step and ``step . (operator step)``."""
+        """Preconditioned CG (Cholesky when small); returns the step and ``step . (op step)``."""
+        if sum(r.size for r in rhs) <= DENSE_LIMIT:
+            flat = np.concatenate([r.ravel() for r in rhs])
+            solution = linalg.cho_solve(linalg.cho_factor(self.dense()), flat)
+            bounds = np.cumsum([0] + [r.size for r in rhs])
+            x = [solution[lo:hi].reshape(r.shape) for lo, hi, r in zip(bounds, bounds[1:], rhs)]
+            return x, _dot(x, rhs)
         x = [np.zeros_like(r) for r in rhs]
         resid = [r.copy() for r in rhs]
         z = [r @ m for r, m in zip(resid, self.precond, strict=True)]
