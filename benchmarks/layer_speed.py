@@ -26,6 +26,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnx_lowrank as ol
 from onnx_lowrank.bench import bench
+from onnx_lowrank.config import CLUSTERED
 from onnx_lowrank.passes import CONV_PASSES
 
 # (name, C, N, k, input size, pads)
@@ -67,7 +68,8 @@ def layer_model(c: int, n: int, k: int, size: int, pad: int, seed: int = 0) -> o
 
 def measure(args) -> list[dict]:
     layers = [layer for layer in VGG16 + DENTON if not args.quick or layer[0] in QUICK]
-    methods = args.methods or list(CONV_PASSES)
+    # Denton's clustered methods need --colors/--groups and have their own script (denton.py)
+    methods = args.methods or [m for m in CONV_PASSES if m not in CLUSTERED]
     batches = [1] if args.quick else args.batches
     rows = []
     for name, c, n, k, size, pad in layers:
@@ -125,7 +127,10 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--methods", nargs="*", choices=list(CONV_PASSES), help="default: all conv methods"
+        "--methods",
+        nargs="*",
+        choices=list(CONV_PASSES),
+        help="default: all conv methods but the clustered ones (benchmarks/denton.py)",
     )
     parser.add_argument("--targets", nargs="*", type=float, default=[2.0, 4.0, 8.0])
     parser.add_argument("--batches", nargs="*", type=int, default=[1, 8])
