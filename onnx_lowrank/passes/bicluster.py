@@ -10,10 +10,11 @@ The output order is folded into the readers where they allow it, else a Gather (
 The input order is folded into the producer where it allows it (a Conv feeding only this layer,
 possibly through BatchNormalization/elementwise nodes, or an earlier channel Gather); otherwise a
 Gather. The alternative, a dense block-sparse first 1x1 (C -> G*H*K1, zero outside the blocks)
-reading the original order, was measured in onnxruntime (CPU, 1 thread, benchmarks/denton.py):
-Gather + grouped 1x1 was 2-10% faster on every shape tried (96->256 5x5 at 27 px with (2,2),
-(4,4), (48,2); 64->64 at 56 px; 128->128 at 28 px) and costs fewer MACs, so the dense form is
-used only for G <= DENSE_MAX_GROUPS, 0: never by default.
+reading the original order, was measured in onnxruntime (CPU, 1 thread, benchmarks/denton.py, on
+96->256 5x5 at 27 px, 64->128 3x3 at 7 px and 32->32 3x3 at 40 px, G = H = 2): neither form was
+consistently faster (differences within the +-10-30% noise of a shared 2-vCPU host, in both
+directions), and the dense form costs G times the first stage's MACs, so it is used only for
+G <= DENSE_MAX_GROUPS, 0: never by default.
 Ranks: `--rank K` (both ranks), `--ranks K1,K2` (svd); `--speedup S` and `--max-error X` choose
 the ranks, and G, H from GRID when `--groups` is not given. Skipped: grouped, 1-D and 1x1 convs,
 and C, N not divisible by G, H."""
