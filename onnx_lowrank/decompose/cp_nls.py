@@ -274,7 +274,7 @@ def levenberg_marquardt(
     tol: float,
     mu: float,
     mu_per_misfit: float = 0.0,
-    cg_iter: int = 25,
+    cg_iter: int = 8,
 ) -> tuple[Factors, int]:
     """Damped Gauss-Newton on all factors at once, with Nielsen's damping update.
 
