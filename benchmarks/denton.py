@@ -4,11 +4,11 @@ Layers: Denton's 3->96 7x7 stride 2 at 224 px and 96->256 5x5 at 27 px (random w
 and a middle conv of the trained sample models (samples/charnet, samples/digits, when present);
 and of nudenet's 320n.onnx (a pretrained YOLOv8n, from the nudenet 3.4.2 wheel on PyPI, fetched
 with `pip download` into ~/.cache/onnx-lowrank, never committed). First layers get monochromatic
-with C' in {4, 6, 8, 12, 16}; the others bicluster-svd (G, H, K1, K2) = (2, 2, 19, 24) and
-(2, 2, 32, 32), and bicluster-outer (C/2, 2, 6) (Denton's (48, 2, 6) on 96 channels), the svd
-ones also with the dense block-sparse first 1x1 instead of the input Gather. Per row: the
-multiply-add ratio, the measured speedup (interleaved medians, batch 1, one thread) and the
-relative weight error.
+with C' in {4, 6, 8, 12, 16}; the others bicluster-svd (G, H, K1, K2) = (2, 2, 19, 24),
+(2, 2, 32, 32) and (2, 2, 8, 8), and bicluster-outer (C/2, 2, 6) (Denton's (48, 2, 6) on 96
+channels), the first two also with the dense block-sparse first 1x1 instead of the input
+Gather. Per row: the multiply-add ratio, the measured speedup (interleaved medians, batch 1,
+one thread) and the relative weight error.
 
     python benchmarks/denton.py            # writes benchmarks/results/denton.json
     python benchmarks/denton.py --runs 60 --no-download
@@ -152,6 +152,8 @@ def settings(model: onnx.ModelProto, first: bool) -> list[tuple[str, dict, bool]
         for dense in (False, True):
             options = {"method": "bicluster-svd", "groups": (2, 2), "ranks": (k1, k2)}
             rows.append((f"svd 2,2 K={k1},{k2}{' dense' if dense else ''}", options, dense))
+    small = {"method": "bicluster-svd", "groups": (2, 2), "ranks": (8, 8)}
+    rows.append(("svd 2,2 K=8,8", small, False))  # pays on 32-64 channel layers too
     g = 48 if c % 48 == 0 else max(1, c // 2)
     rows.append(
         (f"outer {g},2 K=6", {"method": "bicluster-outer", "groups": (g, 2), "rank": 6}, False)

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 from modelgen import assert_same_outputs, ops
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx_lowrank as ol
+from onnx_lowrank.passes.permute import plan_readers
 
 RNG = np.random.default_rng(0)
 
@@ -116,11 +118,24 @@ def test_graph_output_gets_a_gather_and_keeps_its_name():
     assert gather.output[0] == "a" and [o.name for o in out.graph.output] == ["a", "y"]
 
 
-def test_grouped_reader_that_would_mix_groups_gets_a_gather():
-    nodes = [conv("conv1", "x", "w1", "a"), conv("conv2", "a", "w2", "y", group=2)]
-    weights = {"w1": colour_weight(), "w2": RNG.standard_normal((4, 4, 3, 3))}
-    _, record = rewrite(build(nodes, weights), method="monochromatic", colors=2)
-    assert "would mix its groups" in record.detail or "folded into conv2" in record.detail
+def test_grouped_reader_folds_only_a_permutation_inside_its_groups():
+    nodes = [
+        helper.make_node("Relu", ["x"], ["a"], name="relu"),
+        conv("conv2", "a", "w2", "y", group=2),
+    ]
+    model = build(nodes, {"w2": RNG.standard_normal((4, 4, 3, 3))}, c=8)
+    graph = gs.import_onnx(model)
+    relu_out = graph.tensors()["a"]
+    inside = np.array([1, 0, 3, 2, 7, 6, 5, 4])
+    fold = plan_readers(graph, relu_out, inside)
+    assert not isinstance(fold, str) and fold.nodes == ["conv2"]
+    _, _, weight = fold.edits[0]
+    original = graph.nodes[1].inputs[1].values
+    # output n of group q reads channel q*4 + j as local input inside[q*4 + j] - q*4
+    np.testing.assert_array_equal(weight[0, :, :, :], original[0, [1, 0, 3, 2]])
+    np.testing.assert_array_equal(weight[3, :, :, :], original[3, [3, 2, 1, 0]])
+    mixing = np.array([4, 1, 2, 3, 0, 5, 6, 7])
+    assert "would mix its groups" in plan_readers(graph, relu_out, mixing)
 
 
 def test_bicluster_input_order_folds_into_the_producer():
