@@ -1,0 +1,1 @@
+"""Helpers of benchmarks/real_models.py: fetch wheels, YOLOv8 and OCR pre/post-processing."""
