@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -13,7 +14,7 @@ import onnx_graphsurgeon as gs
 
 from .assemble import assemble, tag_origins
 from .calibrate import load_samples
-from .config import NO_ENERGY, OptimizeConfig
+from .config import NO_ENERGY, OptimizeConfig, RankSpec
 from .cost import model_macs
 from .datafit import DataContext, fit_layer
 from .decompose.rank import rank_for_energy
@@ -56,16 +57,19 @@ def optimize(
     config = config or OptimizeConfig.from_options(**options)
     original, external = _as_model(model)
     pinned = _pinned_copy(original, config)
-    graph = gs.import_onnx(infer_shapes(pinned))
-    tag_origins(graph)
     data = None
     if config.calibration is not None:
         cal = config.calibration
         samples = load_samples(cal.path, pinned, cal.preprocess, limit=cal.size)
         data = DataContext(pinned, samples, cal, config.seed)
-    records = rewrite_graph(graph, config, data)
-    result = assemble(pinned, graph)
-    report = Report(records=records, config=config.to_dict())
+    plan = None
+    if config.method == "auto" or config.plan_path:
+        from .auto import run_planner
+
+        plan, (result, records) = run_planner(pinned, config, data, build)
+    else:
+        result, records = build(pinned, config, data)
+    report = Report(records=records, config=config.to_dict(), plan=plan)
     report.totals = _totals(pinned, result)
     if config.check:
         report.validation = _check(pinned, result, config)
@@ -77,26 +81,52 @@ def optimize(
     return result, report
 
 
+def build(
+    pinned: onnx.ModelProto,
+    config: OptimizeConfig,
+    data: DataContext | None = None,
+    choices: dict | None = None,
+) -> tuple[onnx.ModelProto, list[LayerRecord]]:
+    """Import, rewrite (per the config, or per a plan's `choices`) and reassemble."""
+    graph = gs.import_onnx(infer_shapes(pinned))
+    tag_origins(graph)
+    records = rewrite_graph(graph, config, data, choices)
+    return assemble(pinned, graph), records
+
+
 def rewrite_graph(
-    graph: gs.Graph, config: OptimizeConfig, data: DataContext | None = None
+    graph: gs.Graph,
+    config: OptimizeConfig,
+    data: DataContext | None = None,
+    choices: dict[str, tuple[str, tuple[int, ...]]] | None = None,
 ) -> list[LayerRecord]:
     """Apply the configured passes to every candidate node of `graph`, in place; with `data`,
-    conv layers are fitted on calibration data (datafit.py)."""
-    conv_pass = CONV_PASSES.get(config.method)
-    fc_pass = FcSVDPass() if config.fc or config.method == "fc-svd" else None
+    conv layers are fitted on calibration data (datafit.py); with `choices` (a plan), each
+    named node gets its own method and rank and the others are kept."""
+    fc_on = config.fc or config.method == "fc-svd"
     candidates = [n for n in graph.nodes if n.op == "Conv" or n.op in LEFT_ALONE or n.op in FC_OPS]
     records = []
     for node in _progress(candidates, config.progress):
+        layer_config = config
+        if choices is not None:
+            if node.name not in choices:
+                if node.op == "Conv" or node.op in FC_OPS:
+                    records.append(_skip(node, None, "kept by the plan"))
+                continue
+            method, rank = choices[node.name]
+            spec = RankSpec("rank", rank[0], rank[1] if len(rank) > 1 else None)
+            layer_config = replace(config, method=method, rank=spec, force=True, fc=True)
         if node.op in LEFT_ALONE:
             records.append(_skip(node, None, f"{node.op} is left as is"))
         elif node.op == "Conv":
-            records.append(_rewrite_conv(graph, node, conv_pass, config, data))
-        elif fc_pass is not None:
+            conv_pass = CONV_PASSES.get(layer_config.method)
+            records.append(_rewrite_conv(graph, node, conv_pass, layer_config, data))
+        elif fc_on or choices is not None:
             layer = read_fc(node)
             records.append(
-                _skip(node, fc_pass.method, layer)
+                _skip(node, "fc-svd", layer)
                 if isinstance(layer, str)
-                else fc_pass.rewrite(graph, layer, config)
+                else FcSVDPass().rewrite(graph, layer, layer_config)
             )
     return records
 

@@ -115,8 +115,9 @@ def _add_optimize(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--method",
         choices=METHODS,
-        default="separable",
-        help="factorization for convs (default separable); fc-svd alone factors only Gemm/MatMul",
+        default="auto",
+        help="factorization for convs; auto (default) plans every layer's method and rank with "
+        "latency measured in onnxruntime; fc-svd alone factors only Gemm/MatMul",
     )
     target = p.add_mutually_exclusive_group()
     target.add_argument("--rank", type=int, help="the same rank for every layer (clipped to full)")
@@ -177,6 +178,22 @@ def _add_optimize(p: argparse.ArgumentParser) -> None:
         help="write the weights to OUTPUT.data (automatic past 2 GB or when the input did)",
     )
     _add_common(p)
+    auto = p.add_argument_group("planner (--method auto)")
+    auto.add_argument(
+        "--data",
+        metavar="PATH",
+        help="evaluation inputs (.npz with labels 'y' for --max-drop; --max-error then means "
+        "the whole model's output error on them)",
+    )
+    auto.add_argument(
+        "--max-drop", type=float, metavar="D", help="fastest plan losing at most D accuracy points"
+    )
+    auto.add_argument("--batch", type=int, default=1, help="batch size latency is planned for")
+    auto.add_argument("--threads", type=int, help="intra-op threads latency is planned for")
+    auto.add_argument(
+        "--plan-only", action="store_true", help="write the plan (JSON) to OUTPUT, not a model"
+    )
+    auto.add_argument("--plan", metavar="FILE", help="apply a saved plan instead of planning")
     data = p.add_argument_group("calibration (data-aware fits)")
     data.add_argument(
         "--calibration",
@@ -292,15 +309,31 @@ def _optimize(args, console: Console) -> int:
         calibration=_calibration(args),
         colors=args.colors,
         groups=_parse_ranks(args.groups, "--groups") if args.groups else None,
+        batch=args.batch,
+        threads=args.threads,
+        data=args.data,
+        max_drop=args.max_drop,
+        plan_path=args.plan,
     )
-    _, report = optimize(args.input, config, output=args.output, external_data=args.external_data)
+    if args.plan_only and config.method != "auto":
+        raise LowRankError("--plan-only needs --method auto")
+    output = None if args.plan_only else args.output
+    _, report = optimize(args.input, config, output=output, external_data=args.external_data)
     report.render(console, verbose=args.verbose > 0)
     if args.report:
         report.to_json(args.report)
-    console.print(
-        f"wrote {args.output}: {len(report.rewritten)} layer(s) rewritten, "
-        f"{len(report.skipped)} skipped"
-    )
+    if args.plan_only:
+        report.plan.save(args.output)
+        console.print(f"wrote the plan to {args.output}")
+    else:
+        console.print(
+            f"wrote {args.output}: {len(report.rewritten)} layer(s) rewritten, "
+            f"{len(report.skipped)} skipped"
+        )
+    unmet = [n for n in (report.plan.notes if report.plan else []) if "not met" in n]
+    if unmet:
+        print(f"onnx-lowrank: {unmet[0]} (the model was written)", file=sys.stderr)
+        return EXIT_CHECK_FAILED
     if report.validation and report.validation.get("passed") is False:
         print(
             f"onnx-lowrank: check failed: max relative output error "

@@ -9,11 +9,12 @@ from typing import Any
 from .errors import LowRankError
 
 CLUSTERED = ("monochromatic", "bicluster-svd", "bicluster-outer")  # Denton et al. 2014
-CONV_METHODS = ("separable", "channel-svd", "tucker2", "cp", *CLUSTERED)
-METHODS = CONV_METHODS + ("fc-svd",)
+CONV_METHODS = ("separable", "channel-svd", "tucker2", "cp", "separable-basis", *CLUSTERED)
+METHODS = ("auto",) + CONV_METHODS + ("fc-svd",)
 # Methods for which --energy means nothing, and why.
 NO_ENERGY = {
     "cp": "a CP decomposition has no singular values",
+    "separable-basis": "its basis is a CP fit per input channel, with no singular values",
     "monochromatic": "its size is a number of colours (--colors), not a spectrum",
     "bicluster-svd": "its ranks are per block of a clustering, with no one spectrum",
     "bicluster-outer": "an outer-product (CP) fit has no singular values",
@@ -98,7 +99,7 @@ class Calibration:
 class OptimizeConfig:
     """Everything `optimize` needs; the CLI flags map one to one onto these fields."""
 
-    method: str = "separable"
+    method: str = "auto"
     rank: RankSpec | None = None  # None: each method's default (see target())
     rank_multiple: int = 8
     force: bool = False
@@ -110,6 +111,12 @@ class OptimizeConfig:
     provider: str = "cpu"
     progress: bool = False
     calibration: Calibration | None = None
+    # the planner (--method auto): latency is measured at this batch and thread count
+    batch: int = 1
+    threads: int | None = None
+    data: str | None = None  # --data: evaluation inputs (labels for --max-drop)
+    max_drop: float | None = None  # accuracy points the plan may lose (with labelled --data)
+    plan_path: str | None = None  # apply this saved plan instead of planning
     colors: int | None = None  # monochromatic: C' colour channels
     groups: tuple[int, int] | None = None  # bicluster-*: (G input, H output) channel clusters
 
@@ -126,6 +133,15 @@ class OptimizeConfig:
             raise LowRankError(f"--tolerance must be >= 0, got {self.tolerance:g}")
         if self.provider not in PROVIDERS:
             raise LowRankError(f"unknown provider {self.provider!r}; choose cpu or cuda")
+        if self.batch < 1:
+            raise LowRankError(f"--batch must be >= 1, got {self.batch}")
+        if self.max_drop is not None and (self.max_drop < 0 or self.data is None):
+            raise LowRankError("--max-drop needs labelled --data and a value >= 0")
+        if self.method == "auto" and self.rank is not None and self.rank.kind == "rank":
+            raise LowRankError(
+                "--method auto chooses ranks itself: give --speedup, --energy, --max-error or "
+                "--max-drop, or name a --method to use --rank"
+            )
         if self.method in NO_ENERGY and self.rank is not None and self.rank.kind == "energy":
             raise LowRankError(
                 f"--energy has no meaning for {self.method}: {NO_ENERGY[self.method]}; use "
@@ -152,6 +168,16 @@ class OptimizeConfig:
                 raise LowRankError(f"--groups must be two whole numbers >= 1, got {self.groups}")
         if self.method == "bicluster-outer" and self.rank is not None and self.rank.second:
             raise LowRankError("bicluster-outer has one rank: use --rank K, not --ranks")
+
+    def planner_target(self) -> dict[str, Any]:
+        """What --method auto aims at: a whole-model speedup, accuracy drop or output error
+        (on --data), or a per-layer energy / weight error."""
+        if self.max_drop is not None:
+            return {"kind": "drop", "value": self.max_drop}
+        spec = self.rank or RankSpec("energy", DEFAULT_ENERGY)
+        if spec.kind == "error" and self.data is not None:
+            return {"kind": "output_error", "value": spec.value}
+        return {"kind": spec.kind, "value": spec.value}
 
     def target(self, method: str) -> RankSpec:
         """The rank target for `method`: the one given, else --energy 0.95, or for CP methods

@@ -44,6 +44,7 @@ class Report:
     totals: dict[str, Any] = field(default_factory=dict)
     validation: dict[str, Any] | None = None
     config: dict[str, Any] | None = None
+    plan: Any = None  # plan.Plan when --method auto planned the model
 
     @property
     def rewritten(self) -> list[LayerRecord]:
@@ -59,6 +60,7 @@ class Report:
             "layers": [r.to_dict() for r in self.records],
             "totals": self.totals,
             "validation": self.validation,
+            "plan": self.plan.to_dict() if self.plan is not None else None,
         }
 
     def to_json(self, path: str) -> None:
@@ -70,6 +72,8 @@ class Report:
     def render(self, console: Console, verbose: bool = False) -> None:
         """Print the per-layer table, the totals and the check, in the manner of onnxsim."""
         console.print(layer_table(self.records, verbose))
+        if self.plan is not None:
+            console.print(plan_table(self.plan))
         if self.totals:
             console.print(totals_table(self.totals))
         if self.validation:
@@ -231,4 +235,36 @@ def bench_table(result: dict) -> Table:
         table.add_row(name, f"{med:.3f}", f"{low:.3f}")
     if "speedup" in result:
         table.caption = f"speedup of the second: {result['speedup']:.2f}x"
+    return table
+
+
+def plan_table(plan) -> Table:
+    """The planner's choice per layer: method, rank, error, predicted ms against the original."""
+    target = plan.target
+    table = Table(
+        title=f"Plan ({target.get('kind')} {target.get('value')}, {plan.provider}, "
+        f"batch {plan.batch})",
+        title_justify="left",
+    )
+    for col in ("node", "method", "rank", "weight err", "ms original", "ms predicted"):
+        table.add_column(col, justify="left" if col in ("node", "method") else "right")
+    for layer in plan.layers:
+        chosen, original = layer.chosen, layer.options[0]
+        table.add_row(
+            layer.node,
+            chosen.method or "(kept)",
+            _rank_text(chosen.rank),
+            f"{chosen.error:.4f}",
+            f"{original.ms:.3f}",
+            f"{chosen.ms:.3f}",
+        )
+    measured = (
+        f", measured {plan.measured_ms:.3f} ms ({plan.baseline_ms / plan.measured_ms:.2f}x)"
+        if plan.measured_ms
+        else ""
+    )
+    table.caption = (
+        f"model: {plan.baseline_ms:.3f} ms, predicted {plan.predicted_ms:.3f} ms "
+        f"({plan.predicted_speedup:.2f}x){measured}" + "".join(f"; {note}" for note in plan.notes)
+    )
     return table

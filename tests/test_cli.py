@@ -87,13 +87,25 @@ def test_optimize_writes_model_and_json_report(model_path, tmp_path):
 
 
 def test_quiet_prints_nothing(model_path, tmp_path):
-    run = cli("optimize", model_path, tmp_path / "o.onnx", "-q", "--rank", "4")
+    run = cli(
+        "optimize", model_path, tmp_path / "o.onnx", "-q", "--method", "separable", "--rank", "4"
+    )
     assert run.returncode == 0 and run.stdout == "" and run.stderr == ""
 
 
 def test_tolerance_failure_exits_1_and_still_writes(model_path, tmp_path):
     out_path = tmp_path / "o.onnx"
-    run = cli("optimize", model_path, out_path, "--rank", "1", "--tolerance", "1e-6")
+    run = cli(
+        "optimize",
+        model_path,
+        out_path,
+        "--method",
+        "separable",
+        "--rank",
+        "1",
+        "--tolerance",
+        "1e-6",
+    )
     assert run.returncode == 1 and out_path.exists() and "check failed" in run.stderr
 
 
@@ -158,7 +170,10 @@ def test_inspect_compare_bench(model_path, tmp_path):
     rows = json.loads((tmp_path / "i.json").read_text())
     assert rows[0]["energy_ranks"]["tucker2"]["0.9"][0] >= 1
     out_path = tmp_path / "o.onnx"
-    assert cli("optimize", model_path, out_path, "--rank", "8", "-q").returncode == 0
+    assert (
+        cli("optimize", model_path, out_path, "--method", "tucker2", "--rank", "8", "-q").returncode
+        == 0
+    )
     rng = np.random.default_rng(1)
     x = rng.standard_normal((10, 16, 20, 20)).astype(np.float32)
     np.savez(tmp_path / "d.npz", x=x, y=rng.integers(0, 32, 10))
@@ -188,12 +203,28 @@ def test_optimize_with_calibration_data(model_path, tmp_path):
     rng = np.random.default_rng(2)
     np.savez(tmp_path / "cal.npz", x=rng.standard_normal((16, 16, 20, 20)).astype(np.float32))
     out, report = tmp_path / "o.onnx", tmp_path / "r.json"
-    run = cli("optimize", model_path, out, "--rank", "4", "--calibration", tmp_path / "cal.npz",
-              "--calibration-size", "8", "--report", report)
+    run = cli(
+        "optimize",
+        model_path,
+        out,
+        "--method",
+        "separable",
+        "--rank",
+        "4",
+        "--calibration",
+        tmp_path / "cal.npz",
+        "--calibration-size",
+        "8",
+        "--report",
+        report,
+    )
     assert run.returncode == 0, run.stderr
     assert "output err (calibration)" in run.stdout
     layer = json.loads(report.read_text())["layers"][0]
-    assert layer["fit"].startswith("data") and layer["output_error_after"] <= layer["output_error_before"]
+    assert (
+        layer["fit"].startswith("data")
+        and layer["output_error_after"] <= layer["output_error_before"]
+    )
     assert json.loads(report.read_text())["config"]["calibration"]["size"] == 8
 
 
@@ -202,3 +233,27 @@ def test_bad_calibration_is_one_line(model_path, tmp_path):
     run = cli("optimize", model_path, tmp_path / "o.onnx", "--calibration", tmp_path / "cal.npz")
     assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1
     assert "no array for model input" in run.stderr and not (tmp_path / "o.onnx").exists()
+
+
+def test_auto_plan_only_then_apply_the_plan(model_path, tmp_path):
+    plan = tmp_path / "plan.json"
+    run = cli("optimize", model_path, plan, "--plan-only", "--max-error", "0.1")
+    assert run.returncode == 0, run.stderr
+    data = json.loads(plan.read_text())
+    assert data["layers"][0]["node"] == "conv" and data["target"]["kind"] == "error"
+    chosen = data["layers"][0]["options"][data["layers"][0]["choice"]]
+    assert chosen["error"] <= 0.1
+    out = tmp_path / "o.onnx"
+    run = cli("optimize", model_path, out, "--plan", plan, "--report", tmp_path / "r.json")
+    assert run.returncode == 0, run.stderr
+    layer = json.loads((tmp_path / "r.json").read_text())["layers"][0]
+    assert (layer["method"], layer["rank"]) == (
+        chosen["method"],
+        chosen["rank"][0] if len(chosen["rank"]) == 1 else chosen["rank"],
+    )
+
+
+def test_auto_unreachable_speedup_exits_1_with_the_best_reached(model_path, tmp_path):
+    run = cli("optimize", model_path, tmp_path / "o.onnx", "--speedup", "1000", "--check", "0")
+    assert run.returncode == 1 and "not met: best measured" in run.stderr
+    assert (tmp_path / "o.onnx").exists()

@@ -154,5 +154,5 @@ def test_calibration_loading_errors_are_one_sentence(case, tmp_path):
         (tmp_path / "c.txt").write_text("1 2 3")
         path, match = tmp_path / "c.txt", "expected an .npz"
     with pytest.raises(ol.LowRankError, match=match) as info:
-        ol.optimize(MODEL, rank=2, calibration=Calibration(str(path)))
+        ol.optimize(MODEL, method="separable", rank=2, calibration=Calibration(str(path)))
     assert "\n" not in str(info.value)

@@ -7,6 +7,7 @@ from .bicluster import BiclusterOuterPass, BiclusterSVDPass
 from .cp import CPPass
 from .monochromatic import MonochromaticPass
 from .separable import SeparablePass
+from .separable_basis import SeparableBasisPass
 from .svd import ChannelSVDPass, Tucker2Pass
 
 CONV_PASSES: dict[str, type[ConvPass]] = {
@@ -14,6 +15,7 @@ CONV_PASSES: dict[str, type[ConvPass]] = {
     "channel-svd": ChannelSVDPass,
     "tucker2": Tucker2Pass,
     "cp": CPPass,
+    "separable-basis": SeparableBasisPass,
     "monochromatic": MonochromaticPass,
     "bicluster-svd": BiclusterSVDPass,
     "bicluster-outer": BiclusterOuterPass,

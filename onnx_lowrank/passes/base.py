@@ -141,13 +141,13 @@ class RankedPass:
             wanted = (int(spec.value), second) if self.two_ranks else (int(spec.value),)
             return tuple(min(w, f) for w, f in zip(wanted, full))
         if spec.kind == "speedup":
-            return self._rank_for_speedup(layer, spec.value, multiple)
+            return self.rank_for_speedup(layer, spec.value, multiple)
         pick = rank_for_energy if spec.kind == "energy" else rank_for_error
         value = spec.value if spec.kind == "energy" else spec.value / math.sqrt(len(full))
         ranks = [max(pick(s, value) for s in slot) for slot in self.spectra(layer)]
         return tuple(min(_round_up(r, multiple), f) for r, f in zip(ranks, full))
 
-    def _rank_for_speedup(self, layer, speedup: float, multiple: int) -> tuple[int, ...]:
+    def rank_for_speedup(self, layer, speedup: float, multiple: int) -> tuple[int, ...]:
         """Largest rank whose chain costs at most 1/speedup of the layer's MACs."""
         full = self.full_rank(layer)
         budget = layer.macs / speedup

@@ -1,0 +1,325 @@
+"""`--method auto`: build every layer's options, pick a plan for the user's target, check it
+end to end in onnxruntime and correct it until the target is met (or say how close it came).
+
+Targets: --speedup S (whole model, measured), --max-drop D with labelled --data (the fastest
+plan within D points of accuracy), --max-error X with --data (the fastest plan within relative
+output error X), or a per-layer --energy / --max-error (each layer's fastest option within it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .bench import bench
+from .config import OptimizeConfig
+from .decompose.svd import relative_error
+from .errors import LowRankError
+from .graph import infer_shapes
+from .latency import CACHE_DIR, LatencyTable, MatMulShape
+from .passes import CONV_PASSES
+from .passes.base import ConvLayer, read_conv
+from .passes.gemm import FcSVDPass, read_fc
+from .plan import MAC_CUTS, LayerPlan, Option, Plan, allocate, apply_step, fastest_within_error
+
+log = logging.getLogger(__name__)
+AUTO_METHODS = ("separable", "channel-svd", "tucker2", "cp", "separable-basis")
+FITTED = ("cp", "separable-basis")  # iterative fits: fewer candidate ranks, size-capped
+FITTED_CUTS = (2.0, 4.0, 8.0)
+EXACT_TAIL = ("separable", "channel-svd")  # error = tail of the spectrum (Eckart-Young)
+CP_MAX_WEIGHTS = 256 * 256 * 9  # CP candidates only for layers up to this size (fit time)
+BASIS_MAX_CHANNELS = 8  # scheme 1 is a basis per input channel: for first layers only
+MAX_CORRECTIONS = 4
+
+
+def layer_options(
+    pinned: onnx.ModelProto, config: OptimizeConfig, table: LatencyTable, workers: int | None = None
+) -> list[LayerPlan]:
+    """Every factorable layer with its options, errors and measured latencies."""
+    graph = gs.import_onnx(infer_shapes(pinned))
+    plans, tasks = [], []
+    for node in graph.nodes:
+        if node.op == "Conv":
+            layer = read_conv(node)
+            if not isinstance(layer, str):
+                plans.append(_conv_options(layer, config, table, tasks))
+        elif node.op in ("Gemm", "MatMul") and config.fc:
+            layer = read_fc(node)
+            if not isinstance(layer, str) and layer.kind != "left":
+                plans.append(_fc_options(layer, config, table))
+    _fill_errors(tasks, config.seed, workers)
+    table.save()
+    return plans
+
+
+def _conv_options(layer: ConvLayer, config: OptimizeConfig, table, tasks) -> LayerPlan:
+    in_shape = (config.batch, layer.in_channels, *layer.spatial_in)
+    options = [Option(None, None, layer.macs, 0.0, table.measure([layer.shape], in_shape))]
+    for method in AUTO_METHODS:
+        conv_pass = CONV_PASSES[method](seed=config.seed)
+        if conv_pass.skip_reason(layer) or _too_costly(method, layer):
+            continue
+        spectra = conv_pass.spectra(layer)[0] if method in EXACT_TAIL else None
+        seen = set()
+        for cut in FITTED_CUTS if method in FITTED else MAC_CUTS:
+            rank = conv_pass.rank_for_speedup(layer, cut, config.rank_multiple)
+            macs = conv_pass.chain_macs(layer, rank)
+            if rank in seen or macs >= layer.macs:
+                continue
+            seen.add(rank)
+            ms = table.measure(conv_pass.layout(layer, rank), in_shape)
+            option = Option(method, list(rank), macs, -1.0, ms)
+            if spectra is not None:
+                tail = sum(float((s[rank[0] :] ** 2).sum()) for s in spectra)
+                option.error = float(np.sqrt(tail / sum(float((s**2).sum()) for s in spectra)))
+            else:
+                tasks.append((option, method, layer))
+            options.append(option)
+    return LayerPlan(layer.node.name, "Conv", options)
+
+
+def _too_costly(method: str, layer: ConvLayer) -> bool:
+    """Candidates whose fit would dominate planning time for little chance of winning."""
+    if method == "separable-basis":
+        return layer.in_channels > BASIS_MAX_CHANNELS
+    return method in FITTED and layer.weight.size > CP_MAX_WEIGHTS
+
+
+def _fc_options(layer, config: OptimizeConfig, table) -> LayerPlan:
+    k, m = layer.matrix.shape
+    in_shape = (layer.rows * config.batch, k)
+    options = [Option(None, None, layer.macs, 0.0, table.measure([MatMulShape(k, m)], in_shape))]
+    fc_pass = FcSVDPass()
+    s2 = fc_pass.spectra(layer)[0][0] ** 2
+    seen = set()
+    for cut in MAC_CUTS:
+        rank = fc_pass.rank_for_speedup(layer, cut, config.rank_multiple)
+        macs = fc_pass.chain_macs(layer, rank)
+        if rank in seen or macs >= layer.macs:
+            continue
+        seen.add(rank)
+        ms = table.measure([MatMulShape(k, rank[0]), MatMulShape(rank[0], m)], in_shape)
+        error = float(np.sqrt(s2[rank[0] :].sum() / s2.sum())) if s2.sum() else 0.0
+        options.append(Option("fc-svd", list(rank), macs, error, ms))
+    return LayerPlan(layer.node.name, layer.node.op, options)
+
+
+def _fill_errors(tasks, seed: int, workers: int | None) -> None:
+    """Fit the candidates whose error needs a real decomposition, in worker processes, with a
+    disk cache keyed by (weight hash, method, rank, seed)."""
+    cache = _FitCache()
+    todo = []
+    for option, method, layer in tasks:
+        key = cache.key(layer.weight, method, option.rank, seed)
+        if key in cache.entries:
+            option.error = cache.entries[key]
+        else:
+            todo.append((key, option, method, layer))
+    if todo:
+        jobs = [
+            (method, layer.weight, layer.geometry, layer.spatial_in, tuple(o.rank), seed)
+            for _, o, method, layer in todo
+        ]
+        workers = workers or min(len(jobs), os.cpu_count() or 1)
+        if workers > 1:  # one BLAS thread per worker: oversubscribed BLAS is many times slower
+            with ProcessPoolExecutor(workers, initializer=_one_blas_thread) as pool:
+                errors = list(pool.map(_fit_error, jobs))
+        else:
+            errors = [_fit_error(job) for job in jobs]
+        for (key, option, _, _), error in zip(todo, errors):
+            option.error = cache.entries[key] = error
+        cache.save()
+
+
+def _one_blas_thread() -> None:
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)
+
+
+def _fit_error(job) -> float:
+    method, weight, geometry, spatial, rank, seed = job
+    layer = ConvLayer(None, weight, None, geometry, list(spatial), True)
+    factors = CONV_PASSES[method](seed=seed).decompose(layer, rank)
+    return relative_error(factors.reconstruct(), weight)
+
+
+class _FitCache:
+    """Fit errors from earlier runs, so a second run with another target refits nothing."""
+
+    def __init__(self) -> None:
+        self.path = os.path.join(CACHE_DIR, "fit-errors.json")
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                self.entries = json.load(f)
+        except (OSError, ValueError):
+            self.entries = {}
+
+    @staticmethod
+    def key(weight: np.ndarray, method: str, rank, seed: int) -> str:
+        digest = hashlib.sha1(np.ascontiguousarray(weight).tobytes()).hexdigest()[:16]
+        return f"{digest}|{weight.shape}|{method}|{list(rank)}|{seed}"
+
+    def save(self) -> None:
+        try:
+            os.makedirs(CACHE_DIR, exist_ok=True)
+            tmp = f"{self.path}.{os.getpid()}.tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(self.entries, f)
+            os.replace(tmp, self.path)
+        except OSError as exc:  # a read-only home must not stop the run
+            log.warning("cannot save the fit cache: %s", exc)
+
+
+def plan_for_target(
+    layers: list[LayerPlan], baseline_ms: float, config: OptimizeConfig, build, evaluate
+) -> tuple[Plan, object]:
+    """Choose the plan for the config's target. `build(plan)` makes (model, records);
+    `evaluate(model)` gives {"speedup": measured, "drop" / "error": quality} as needed."""
+    plan = Plan(
+        layers,
+        baseline_ms,
+        config.provider,
+        config.batch,
+        config.threads,
+        target=config.planner_target(),
+    )
+    kind, value = plan.target["kind"], plan.target["value"]
+    if kind in ("energy", "error"):
+        fastest_within_error(layers, value if kind == "error" else float(np.sqrt(1 - value)))
+        return plan, build(plan)
+    path = allocate(layers, baseline_ms)
+    if kind == "speedup":
+        return _meet_speedup(plan, path, value, build, evaluate)
+    return _meet_quality(plan, path, kind, value, build, evaluate)
+
+
+def _meet_speedup(plan: Plan, path, target: float, build, evaluate):
+    budget = plan.baseline_ms / target
+    best = None
+    for _ in range(MAX_CORRECTIONS):
+        step = next((s for s in path if s.ms <= budget), path[-1])
+        apply_step(plan.layers, step)
+        built = build(plan)
+        speedup = evaluate(built[0])["speedup"]
+        plan.measured_ms = plan.baseline_ms / speedup
+        if best is None or speedup > best[0]:
+            best = (speedup, step, built, plan.measured_ms)
+        if speedup >= target or step is path[-1]:
+            break
+        budget *= speedup / target  # what the model missed by, the prediction must give more
+    speedup, step, built, measured = best
+    apply_step(plan.layers, step)
+    plan.measured_ms = measured
+    if speedup < target:
+        plan.notes.append(f"target {target:g}x not met: best measured {speedup:.2f}x")
+    return plan, built
+
+
+def _meet_quality(plan: Plan, path, kind: str, limit: float, build, evaluate):
+    """The fastest step of the path whose measured quality loss is within `limit`
+    (bisection: the loss grows along the path)."""
+    lo, hi, best = 0, len(path) - 1, None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        apply_step(plan.layers, path[mid])
+        built = build(plan)
+        loss = evaluate(built[0])[kind]
+        if loss <= limit:
+            best, lo = (mid, built, loss), mid + 1
+        else:
+            hi = mid - 1
+    if best is None:
+        raise LowRankError(f"no plan keeps the {kind} within {limit:g}")
+    apply_step(plan.layers, path[best[0]])
+    plan.notes.append(f"{kind} {best[2]:.4g} within {limit:g}")
+    return plan, best[1]
+
+
+def measure_speedup(original: onnx.ModelProto, optimized: onnx.ModelProto, config) -> float:
+    """Interleaved end-to-end speedup of `optimized` over `original`."""
+    result = bench(
+        [original, optimized],
+        config.provider,
+        runs=20,
+        warmup=3,
+        threads=config.threads,
+        batch=config.batch,
+        seed=config.seed,
+    )
+    return result["speedup"]
+
+
+def run_planner(pinned: onnx.ModelProto, config: OptimizeConfig, data, build):
+    """Plan (or load `config.plan_path`) and build the model; returns (plan, (model, records))."""
+    if config.plan_path:
+        try:
+            plan = Plan.load(config.plan_path)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise LowRankError(f"{config.plan_path}: not a readable plan ({exc})") from None
+        return plan, build(pinned, config, data, plan.choices())
+    table = LatencyTable(config.provider, config.threads)
+    layers = layer_options(pinned, config, table)
+    baseline = bench(
+        [pinned],
+        config.provider,
+        runs=20,
+        warmup=3,
+        threads=config.threads,
+        batch=config.batch,
+        seed=config.seed,
+    )["median_ms"][0]
+    scale = _consistency_scale(layers, baseline)
+    quality = _Quality(pinned, config)
+
+    def evaluate(model):
+        return {"speedup": measure_speedup(pinned, model, config), **quality(model)}
+
+    def build_plan(plan):
+        return build(pinned, config, data, plan.choices())
+
+    plan, built = plan_for_target(layers, baseline, config, build_plan, evaluate)
+    if scale < 1:
+        plan.notes.append(f"layer timings scaled by {scale:.2f} to the model's measured latency")
+    return plan, built
+
+
+def _consistency_scale(layers: list[LayerPlan], baseline_ms: float) -> float:
+    """Layers timed alone can add up to more than the whole model (cache effects, a busy
+    machine); scale them so they fit inside it, or the prediction would be meaningless."""
+    total = sum(layer.options[0].ms for layer in layers)
+    scale = min(1.0, 0.98 * baseline_ms / total) if total > 0 else 1.0
+    for layer in layers:
+        for option in layer.options:
+            option.ms *= scale
+    return scale
+
+
+class _Quality:
+    """Accuracy drop (points, with labels) and max relative output error on --data."""
+
+    def __init__(self, reference: onnx.ModelProto, config: OptimizeConfig):
+        self.reference, self.config, self.samples = reference, config, None
+        if config.data:
+            from .calibrate import load_samples
+
+            self.samples = load_samples(config.data, reference)
+
+    def __call__(self, model) -> dict:
+        if self.samples is None:
+            return {}
+        from .validate import compare
+
+        feeds = list(self.samples.batches(64))
+        result = compare(self.reference, model, feeds, self.samples.labels, self.config.provider)
+        out = {"output_error": result["max_rel_error"]}
+        if "accuracy_reference" in result:
+            out["drop"] = 100 * (result["accuracy_reference"] - result["accuracy_candidate"])
+        return out

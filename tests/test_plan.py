@@ -1,0 +1,82 @@
+"""The planner: greedy allocation against brute force, the latency cache, plan files, and a
+target that cannot be met."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from onnx_lowrank.latency import LatencyTable, MatMulShape
+from onnx_lowrank.plan import LayerPlan, Option, Plan, allocate, apply_step
+
+
+def _convex_layer(rng, name: str, n: int) -> LayerPlan:
+    """Options whose error grows convexly as latency shrinks (diminishing returns)."""
+    ms = 1.0 + 9.0 * rng.random()
+    savings = np.sort(rng.random(n)) * ms * 0.9
+    slopes = np.sort(rng.random(n) + 0.01)  # increasing error per ms saved: convex
+    errors2 = np.cumsum(np.diff(np.concatenate([[0.0], savings])) * slopes)
+    options = [Option(None, None, 0, 0.0, ms)]
+    options += [
+        Option("m", [i + 1], 0, float(np.sqrt(e)), ms - s)
+        for i, (s, e) in enumerate(zip(savings, errors2))
+    ]
+    return LayerPlan(name, "Conv", options)
+
+
+def _brute_force(layers, budget):
+    best = None
+    for combo in itertools.product(*(range(len(x.options)) for x in layers)):
+        ms = sum(x.options[c].ms for x, c in zip(layers, combo))
+        if ms <= budget + 1e-9:
+            err = sum(x.options[c].error ** 2 for x, c in zip(layers, combo))
+            best = err if best is None else min(best, err)
+    return best
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**16), st.integers(1, 3), st.integers(1, 3))
+def test_greedy_path_points_are_optimal_on_convex_tables(seed, n_layers, n_options):
+    rng = np.random.default_rng(seed)
+    layers = [_convex_layer(rng, f"l{i}", n_options) for i in range(n_layers)]
+    base = sum(x.options[0].ms for x in layers)
+    for step in allocate(layers, base):
+        assert abs(step.error2 - _brute_force(layers, step.ms)) < 1e-9
+
+
+def test_allocation_stops_at_the_budget():
+    rng = np.random.default_rng(0)
+    layers = [_convex_layer(rng, f"l{i}", 4) for i in range(3)]
+    base = sum(x.options[0].ms for x in layers)
+    path = allocate(layers, base, budget_ms=base / 2)
+    assert path[-1].ms <= base / 2 or len(path) == 1 + 3 * 4
+    assert all(a.ms > b.ms and a.error2 <= b.error2 + 1e-12 for a, b in zip(path, path[1:]))
+
+
+def test_plan_file_round_trips(tmp_path):
+    rng = np.random.default_rng(1)
+    layers = [_convex_layer(rng, f"l{i}", 3) for i in range(2)]
+    plan = Plan(layers, 12.5, target={"kind": "speedup", "value": 2.0}, measured_ms=6.0)
+    apply_step(layers, allocate(layers, 12.5)[2])
+    plan.save(tmp_path / "plan.json")
+    loaded = Plan.load(tmp_path / "plan.json")
+    assert loaded.choices() == plan.choices() and loaded.predicted_ms == plan.predicted_ms
+    assert json.loads((tmp_path / "plan.json").read_text())["predicted_speedup"] > 1
+
+
+def test_latency_cache_is_reused_and_keyed_by_provider_and_version(tmp_path, monkeypatch):
+    ops, shape = [MatMulShape(16, 8)], (4, 16)
+    table = LatencyTable("cpu", cache_dir=str(tmp_path), runs=3)
+    first = table.measure(ops, shape)
+    table.save()
+    again = LatencyTable("cpu", cache_dir=str(tmp_path), runs=3)
+    assert again.measure(ops, shape) == first and again.hits == 1 and again.misses == 0
+    monkeypatch.setattr("onnx_lowrank.latency.ort.__version__", "0.0.0-other")
+    other = LatencyTable("cpu", cache_dir=str(tmp_path), runs=3)
+    assert other.path != again.path and other.entries == {}
+    cuda = LatencyTable("cuda", cache_dir=str(tmp_path), runs=3)
+    assert cuda.path != again.path
