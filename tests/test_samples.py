@@ -1,7 +1,7 @@
 """The sample models in samples/: valid ONNX, run in onnxruntime, reach their stated accuracy.
 
-The floors are the ones stated in each sample's README; the README's evaluate command is run
-as written, so the documentation cannot drift from the code.
+Accuracy is checked by running the evaluate commands of samples/README.md as written, against
+the floor each sample's README states, so the documentation cannot drift from the code.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "samples"
 # name -> (input height/width, classes, accuracy floor stated in samples/<name>/README.md)
-MODELS = {"charnet": (24, 36, 0.90), "digits": (28, 10, 0.97)}
+MODELS = {"charnet": (24, 36, 0.95), "digits": (28, 10, 0.97)}
 
 
 def _session(name: str) -> ort.InferenceSession:
@@ -62,33 +62,28 @@ def test_runs_with_dynamic_batch(name: str, batch: int) -> None:
     assert logits.shape == (batch, classes) and np.isfinite(logits).all()
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_accuracy_reaches_readme_floor(name: str) -> None:
-    _, _, floor = MODELS[name]
-    x, y = _test_set(name)
-    logits = _session(name).run(["logits"], {"input": x})[0]
-    assert (logits.argmax(axis=1) == y).mean() >= floor
-    readme = (SAMPLES / name / "README.md").read_text()
-    assert f"floor: {floor:.2f}" in readme, "README must state the floor this test checks"
-
-
 def _readme_commands() -> list[str]:
     """The `python samples/evaluate.py ...` lines of samples/README.md."""
     text = (SAMPLES / "README.md").read_text()
     return re.findall(r"^(python samples/evaluate\.py .+)$", text, flags=re.MULTILINE)
 
 
-def test_readme_lists_an_evaluate_command_per_model() -> None:
+def test_readme_lists_one_evaluate_command_per_model() -> None:
     commands = _readme_commands()
     for name in MODELS:
-        assert any(f"samples/{name}/model.onnx" in command for command in commands)
+        assert sum(f"samples/{name}/model.onnx" in command for command in commands) == 1
 
 
-@pytest.mark.parametrize("command", _readme_commands())
-def test_readme_evaluate_command_prints_accuracy(command: str) -> None:
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_readme_command_prints_accuracy_above_floor(name: str) -> None:
+    """Run the README's evaluate line as written; its accuracy must reach the README's floor."""
+    _, _, floor = MODELS[name]
+    assert f"floor: {floor:.2f}" in (SAMPLES / name / "README.md").read_text()
+    (command,) = [c for c in _readme_commands() if f"samples/{name}/model.onnx" in c]
     argv = [sys.executable, *shlex.split(command)[1:]]
     result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     match = re.fullmatch(r"top-1 accuracy: (\d\.\d{4}) \(n=(\d+)\)\n", result.stdout)
     assert match, result.stdout
-    assert 0.0 <= float(match.group(1)) <= 1.0 and int(match.group(2)) > 0
+    assert int(match.group(2)) == len(_test_set(name)[1])
+    assert float(match.group(1)) >= floor

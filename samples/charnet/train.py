@@ -6,7 +6,7 @@ kernels, no pooling) trained on crops rendered on the fly from the training font
 training and folded into the convolutions before export, so the ONNX graph is a plain
 Conv/Relu chain behind a per-crop standardisation. Development-only: needs torch and pillow.
 
-    python samples/charnet/train.py            # from the repository root, about 25 minutes
+    python samples/charnet/train.py     # from the repository root, 20-40 minutes on 2 cores
 """
 
 from __future__ import annotations

