@@ -149,10 +149,12 @@ def _skip(node: gs.Node, method: str | None, reason: str) -> LayerRecord:
 
 
 def inspect(
-    model: onnx.ModelProto | str | os.PathLike, input_shapes: dict | None = None
+    model: onnx.ModelProto | str | os.PathLike,
+    input_shapes: dict | None = None,
+    spectra: bool = False,
 ) -> list[dict]:
     """Per factorable layer: weight shape, MACs, share of the model's MACs, and the rank each
-    method needs for 90/95/99% energy."""
+    method needs for 90/95/99% energy (with `spectra`, the singular values themselves)."""
     original, _ = _as_model(model)
     pinned = _pinned_copy(original, OptimizeConfig(input_shapes=input_shapes or {}, check=0))
     graph = gs.import_onnx(infer_shapes(pinned))
@@ -179,12 +181,15 @@ def inspect(
             if p.method in NO_ENERGY:  # no spectrum, so no energy ranks
                 continue
             if getattr(p, "skip_reason", lambda _: None)(layer) is None:
+                slots = p.spectra(layer)
                 row["energy_ranks"][p.method] = {
-                    f"{e:g}": [
-                        max(rank_for_energy(s, e) for s in slot) for slot in p.spectra(layer)
-                    ]
+                    f"{e:g}": [max(rank_for_energy(s, e) for s in slot) for slot in slots]
                     for e in (0.90, 0.95, 0.99)
                 }
+                if spectra:  # the first rank slot, group by group concatenated
+                    row.setdefault("spectra", {})[p.method] = np.sort(np.concatenate(slots[0]))[
+                        ::-1
+                    ].tolist()
         rows.append(row)
     total = sum(r.get("macs", 0) for r in rows) or 1
     for r in rows:

@@ -196,6 +196,7 @@ def plan_for_target(
         fastest_within_error(layers, value if kind == "error" else float(np.sqrt(1 - value)))
         return plan, build(plan)
     path = allocate(layers, baseline_ms)
+    plan.path = [{"predicted_ms": s.ms, "error": float(np.sqrt(s.error2))} for s in path]
     if kind == "speedup":
         return _meet_speedup(plan, path, value, build, evaluate)
     return _meet_quality(plan, path, kind, value, build, evaluate)
@@ -208,7 +209,7 @@ def _meet_speedup(plan: Plan, path, target: float, build, evaluate):
         step = next((s for s in path if s.ms <= budget), path[-1])
         apply_step(plan.layers, step)
         built = build(plan)
-        speedup = evaluate(built[0])["speedup"]
+        speedup = _evaluate(plan, step, built, evaluate)["speedup"]
         plan.measured_ms = plan.baseline_ms / speedup
         if best is None or speedup > best[0]:
             best = (speedup, step, built, plan.measured_ms)
@@ -231,22 +232,38 @@ def _meet_quality(plan: Plan, path, kind: str, limit: float, build, evaluate):
         mid = (lo + hi) // 2
         apply_step(plan.layers, path[mid])
         built = build(plan)
-        loss = evaluate(built[0])[kind]
+        result = _evaluate(plan, path[mid], built, evaluate)
+        loss = result[kind]
         if loss <= limit:
-            best, lo = (mid, built, loss), mid + 1
+            best, lo = (mid, built, loss, plan.baseline_ms / result["speedup"]), mid + 1
         else:
             hi = mid - 1
     if best is None:
         raise LowRankError(f"no plan keeps the {kind} within {limit:g}")
     apply_step(plan.layers, path[best[0]])
+    plan.measured_ms = best[3]
     plan.notes.append(f"{kind} {best[2]:.4g} within {limit:g}")
     return plan, best[1]
 
 
-def measure_speedup(original: onnx.ModelProto, optimized: onnx.ModelProto, config) -> float:
-    """Interleaved end-to-end speedup of `optimized` over `original`."""
-    result = bench(
-        [original, optimized],
+def _evaluate(plan: Plan, step, built, evaluate) -> dict:
+    """Measure a built plan and keep the point for the report and the Pareto chart."""
+    result = evaluate(built[0])
+    plan.trace.append(
+        {
+            "predicted_ms": step.ms,
+            "measured_ms": plan.baseline_ms / result["speedup"],
+            "error": float(np.sqrt(step.error2)),
+            **result,
+        }
+    )
+    return result
+
+
+def timed(models: list[onnx.ModelProto], config: OptimizeConfig) -> dict:
+    """Interleaved latency of the models at the config's provider, batch and threads."""
+    return bench(
+        models,
         config.provider,
         runs=20,
         warmup=3,
@@ -254,7 +271,11 @@ def measure_speedup(original: onnx.ModelProto, optimized: onnx.ModelProto, confi
         batch=config.batch,
         seed=config.seed,
     )
-    return result["speedup"]
+
+
+def measure_speedup(original: onnx.ModelProto, optimized: onnx.ModelProto, config) -> float:
+    """Interleaved end-to-end speedup of `optimized` over `original`."""
+    return timed([original, optimized], config)["speedup"]
 
 
 def run_planner(pinned: onnx.ModelProto, config: OptimizeConfig, data, build):
@@ -267,15 +288,7 @@ def run_planner(pinned: onnx.ModelProto, config: OptimizeConfig, data, build):
         return plan, build(pinned, config, data, plan.choices())
     table = LatencyTable(config.provider, config.threads)
     layers = layer_options(pinned, config, table)
-    baseline = bench(
-        [pinned],
-        config.provider,
-        runs=20,
-        warmup=3,
-        threads=config.threads,
-        batch=config.batch,
-        seed=config.seed,
-    )["median_ms"][0]
+    baseline = timed([pinned], config)["median_ms"][0]
     scale = _consistency_scale(layers, baseline)
     quality = _Quality(pinned, config)
 

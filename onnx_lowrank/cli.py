@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     _add_common(p, check=False)
     p.add_argument("--json", metavar="FILE", help="also write the table as JSON")
+    p.add_argument("--plot", metavar="PNG", help="draw each layer's singular-value spectra")
     p = sub.add_parser("compare", help="output error, top-1 agreement and accuracy of two models")
     p.add_argument("reference")
     p.add_argument("candidate")
@@ -194,6 +195,9 @@ def _add_optimize(p: argparse.ArgumentParser) -> None:
         "--plan-only", action="store_true", help="write the plan (JSON) to OUTPUT, not a model"
     )
     auto.add_argument("--plan", metavar="FILE", help="apply a saved plan instead of planning")
+    auto.add_argument(
+        "--plot", metavar="PNG", help="the planner's Pareto chart (error vs measured speedup)"
+    )
     data = p.add_argument_group("calibration (data-aware fits)")
     data.add_argument(
         "--calibration",
@@ -322,6 +326,10 @@ def _optimize(args, console: Console) -> int:
     report.render(console, verbose=args.verbose > 0)
     if args.report:
         report.to_json(args.report)
+    if args.plot and report.plan is not None:
+        from .plots import plan_chart
+
+        plan_chart(report.plan, args.plot)
     if args.plan_only:
         report.plan.save(args.output)
         console.print(f"wrote the plan to {args.output}")
@@ -384,8 +392,13 @@ def _inspect(args, console: Console) -> int:
     from .api import inspect
     from .report import inspect_table
 
-    rows = inspect(args.model, parse_input_shapes(args.input_shape))
+    rows = inspect(args.model, parse_input_shapes(args.input_shape), spectra=bool(args.plot))
     console.print(inspect_table(rows))
+    if args.plot:
+        from .plots import spectra_chart
+
+        spectra_chart({r["node"]: r["spectra"] for r in rows if r.get("spectra")}, args.plot)
+        console.print(f"wrote {args.plot}")
     _write_json(args.json, rows)
     return EXIT_OK
 

@@ -60,6 +60,8 @@ class Plan:
     target: dict = field(default_factory=dict)
     measured_ms: float | None = None
     notes: list[str] = field(default_factory=list)
+    path: list[dict] = field(default_factory=list)  # the greedy path: predicted ms, error
+    trace: list[dict] = field(default_factory=list)  # every plan built: predicted vs measured
 
     @property
     def predicted_ms(self) -> float:

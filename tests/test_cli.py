@@ -165,8 +165,9 @@ def test_bad_input_is_one_line_exit_2_no_output(case, model_path, tmp_path):
 
 
 def test_inspect_compare_bench(model_path, tmp_path):
-    run = cli("inspect", model_path, "--json", tmp_path / "i.json")
+    run = cli("inspect", model_path, "--json", tmp_path / "i.json", "--plot", tmp_path / "s.png")
     assert run.returncode == 0 and "separable" in run.stdout
+    assert (tmp_path / "s.png").stat().st_size > 0
     rows = json.loads((tmp_path / "i.json").read_text())
     assert rows[0]["energy_ranks"]["tucker2"]["0.9"][0] >= 1
     out_path = tmp_path / "o.onnx"
@@ -237,6 +238,18 @@ def test_bad_calibration_is_one_line(model_path, tmp_path):
 
 def test_auto_plan_only_then_apply_the_plan(model_path, tmp_path):
     plan = tmp_path / "plan.json"
+    run = cli(
+        "optimize",
+        model_path,
+        plan,
+        "--plan-only",
+        "--speedup",
+        "1.5",
+        "--plot",
+        tmp_path / "p.png",
+    )
+    assert run.returncode in (0, 1), run.stderr  # 1: the speedup was not reached on a busy box
+    assert (tmp_path / "p.png").stat().st_size > 0
     run = cli("optimize", model_path, plan, "--plan-only", "--max-error", "0.1")
     assert run.returncode == 0, run.stderr
     data = json.loads(plan.read_text())
