@@ -122,13 +122,21 @@ def rewrite_graph(
             conv_pass = CONV_PASSES.get(layer_config.method)
             records.append(_rewrite_conv(graph, node, conv_pass, layer_config, data))
         elif fc_on or choices is not None:
-            layer = read_fc(node)
-            records.append(
-                _skip(node, "fc-svd", layer)
-                if isinstance(layer, str)
-                else FcSVDPass().rewrite(graph, layer, layer_config)
-            )
+            records.append(_rewrite_fc(graph, node, layer_config, data))
     return records
+
+
+def _rewrite_fc(graph, node, config, data) -> LayerRecord:
+    layer = read_fc(node)
+    if isinstance(layer, str):
+        return _skip(node, "fc-svd", layer)
+    if data is not None:
+        from .datafit_fc import fit_fc_layer
+
+        return fit_fc_layer(graph, layer, FcSVDPass(), config, data)
+    record = FcSVDPass().rewrite(graph, layer, config)
+    record.fit = "weights" if record.status == "rewritten" else None
+    return record
 
 
 def _rewrite_conv(graph, node, conv_pass, config, data) -> LayerRecord:

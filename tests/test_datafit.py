@@ -156,3 +156,48 @@ def test_calibration_loading_errors_are_one_sentence(case, tmp_path):
     with pytest.raises(ol.LowRankError, match=match) as info:
         ol.optimize(MODEL, method="separable", rank=2, calibration=Calibration(str(path)))
     assert "\n" not in str(info.value)
+
+
+def _fc_model(op: str, k: int = 32, m: int = 24):
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = RNG.standard_normal((k, m)).astype(np.float32)
+    inits = [numpy_helper.from_array(w, "F")]
+    inputs = ["a", "F"]
+    attrs = {}
+    if op == "Gemm":
+        inits.append(numpy_helper.from_array(RNG.standard_normal(m).astype(np.float32), "C"))
+        inputs.append("C")
+        attrs = {"alpha": 0.5, "beta": 2.0}
+    node = helper.make_node(op, inputs, ["y"], name="fc", **attrs)
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", m])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+@pytest.mark.parametrize("op", ["Gemm", "MatMul"])
+def test_fc_data_fit_on_a_subspace(op, tmp_path):
+    model = _fc_model(op)
+    a = (RNG.standard_normal((300, 4)) @ RNG.standard_normal((4, 32))).astype(np.float32)
+    np.savez(tmp_path / "c.npz", a=a)
+    errors = {}
+    for fit in ("weights", "data"):
+        out, report = ol.optimize(
+            model,
+            method="fc-svd",
+            rank=4,
+            check=0,
+            rank_multiple=1,
+            calibration=Calibration(str(tmp_path / "c.npz"), fit=fit),
+        )
+        record = report.records[0]
+        assert record.output_error_after <= record.output_error_before + 1e-9
+        (ref,), (new,) = run(model, {"a": a}), run(out, {"a": a})
+        errors[fit] = np.linalg.norm(new - ref) / np.linalg.norm(ref)
+        assert abs(errors[fit] - record.output_error_after) < 1e-3 + 0.01 * errors[fit]
+    assert errors["data"] < 1e-3 < errors["weights"]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .svd import ChannelSVD, SpatialSeparable, _blocks, _f32, _separable_matrix
+from .svd import ChannelSVD, LowRankMatrix, SpatialSeparable, _blocks, _f32, _separable_matrix
 
 RIDGE = 1e-4  # relative to the mean diagonal of a Gram/moment matrix
 
@@ -83,6 +83,20 @@ def whitened_separable(
         verticals.append(left.T.reshape(rank, c, kh, 1))
         horizontals.append(vt.reshape(rank, n, kw).transpose(1, 0, 2).reshape(n, rank, 1, kw))
     return SpatialSeparable(_f32(verticals), _f32(horizontals), groups)
+
+
+def whitened_low_rank(matrix: np.ndarray, rank: int, moment: np.ndarray) -> LowRankMatrix:
+    """A fully connected weight W (in x out, y = x W) fitted for inputs with second moment S:
+    W' = W V_k V_k^T, V_k from svd(S^(1/2) W); factors W V_k and V_k^T."""
+    matrix = np.asarray(matrix, np.float64)
+    vt = np.linalg.svd(psd_sqrt(moment) @ matrix, full_matrices=False)[2][:rank]
+    vt = np.pad(vt, ((0, rank - len(vt)), (0, 0)))
+    return LowRankMatrix((matrix @ vt.T).astype(np.float32), vt.astype(np.float32))
+
+
+def whitened_matrix_spectrum(matrix: np.ndarray, moment: np.ndarray) -> np.ndarray:
+    """Singular values of S^(1/2) W: the data energy of a fully connected weight."""
+    return np.linalg.svd(psd_sqrt(moment) @ np.asarray(matrix, np.float64), compute_uv=False)
 
 
 def least_squares(gram: np.ndarray, cross: np.ndarray, ridge: float = RIDGE) -> np.ndarray:

@@ -14,6 +14,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..config import OptimizeConfig
+from ..decompose.metrics import whitened_low_rank, whitened_matrix_spectrum
 from ..decompose.svd import LowRankMatrix, low_rank_matrix, matrix_spectrum, relative_error
 from ..graph import constant_value, static_dims
 from ..report import LayerRecord
@@ -29,6 +30,7 @@ class FcLayer:
     kind: str  # "gemm", "right" (X @ W) or "left" (W @ X)
     matrix: np.ndarray
     rows: int
+    moment: np.ndarray | None = None  # second moment of the input rows (data-aware fits)
 
     @property
     def macs(self) -> int:
@@ -78,6 +80,8 @@ class FcSVDPass(RankedPass):
         return (min(layer.matrix.shape),)
 
     def spectra(self, layer: FcLayer) -> list[list[np.ndarray]]:
+        if layer.moment is not None:
+            return [[whitened_matrix_spectrum(layer.matrix, layer.moment)]]
         return [[matrix_spectrum(layer.matrix)]]
 
     def chain_macs(self, layer: FcLayer, rank: tuple[int, ...]) -> int:
@@ -104,7 +108,10 @@ class FcSVDPass(RankedPass):
                 f"{record.macs_after / record.macs_before:.2f}x the layer's MACs"
             )
             return record
-        factors = low_rank_matrix(layer.matrix, rank[0])
+        if layer.moment is not None:
+            factors = whitened_low_rank(layer.matrix, rank[0], layer.moment)
+        else:
+            factors = low_rank_matrix(layer.matrix, rank[0])
         record.fit_error = relative_error(factors.reconstruct(), layer.matrix)
         splice_products(graph, layer, factors)
         record.status = "rewritten"
