@@ -196,16 +196,7 @@ class ConvPass(RankedPass):
 
     def rewrite(self, graph: gs.Graph, layer: ConvLayer, config: OptimizeConfig) -> LayerRecord:
         """Choose the rank, decompose, splice the chain in, and say what was done."""
-        record = LayerRecord(
-            node=layer.node.name,
-            op="Conv",
-            method=self.method,
-            status="skipped",
-            weight_shape=list(layer.weight.shape),
-            macs_before=layer.macs,
-            params_before=int(layer.weight.size),
-            shape_known=layer.shape_known,
-        )
+        record = new_record(layer, self.method)
         record.reason = self.skip_reason(layer)
         if record.reason:
             return record
@@ -231,6 +222,20 @@ class ConvPass(RankedPass):
         splice_conv_chain(graph, layer, layout, self.weights(factors), self.method)
         record.status, record.reason = "rewritten", None
         return record
+
+
+def new_record(layer: ConvLayer, method: str) -> LayerRecord:
+    """A conv layer's record before anything is decided (status 'skipped', no reason yet)."""
+    return LayerRecord(
+        node=layer.node.name,
+        op="Conv",
+        method=method,
+        status="skipped",
+        weight_shape=list(layer.weight.shape),
+        macs_before=layer.macs,
+        params_before=int(layer.weight.size),
+        shape_known=layer.shape_known,
+    )
 
 
 def splice_conv_chain(

@@ -25,7 +25,7 @@ from ..cost import ConvShape, chain_macs
 from ..decompose.monochromatic import Monochromatic, monochromatic, nearest_divisor
 from ..decompose.stages import Stage, inverse_permutation
 from ..report import LayerRecord
-from .base import ConvLayer, ConvPass, add_node, remove_node, stage_geometry
+from .base import ConvLayer, ConvPass, add_node, new_record, remove_node, stage_geometry
 from .permute import apply_fold, insert_gather, plan_readers
 
 log = logging.getLogger(__name__)
@@ -63,16 +63,7 @@ class ClusteredPass(ConvPass):
 
     def rewrite(self, graph: gs.Graph, layer: ConvLayer, config: OptimizeConfig) -> LayerRecord:
         """Choose, fit, splice the chain in and restore the output order; say what was done."""
-        record = LayerRecord(
-            node=layer.node.name,
-            op="Conv",
-            method=self.method,
-            status="skipped",
-            weight_shape=list(layer.weight.shape),
-            macs_before=layer.macs,
-            params_before=int(layer.weight.size),
-            shape_known=layer.shape_known,
-        )
+        record = new_record(layer, self.method)
         record.reason = self.skip_reason(layer)
         choice = self.choose(layer, config) if not record.reason else Choice()
         record.reason = record.reason or choice.reason
