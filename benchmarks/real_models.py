@@ -43,18 +43,19 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 # (method, energy, calibrated); the first of each list is the --quick setting.
 SETTINGS = {
     "nudenet": [
+        ("channel-svd", 0.99, False),
+        ("separable", 0.95, False),
         ("channel-svd", 0.95, False),
-        ("separable", 0.9, False),
-        ("channel-svd", 0.9, False),
-        ("tucker2", 0.9, False),
-        ("channel-svd", 0.9, True),
+        ("channel-svd", 0.95, True),
     ],
     "rapidocr": [
+        ("channel-svd", 0.99, False),
         ("channel-svd", 0.95, False),
-        ("channel-svd", 0.9, False),
-        ("channel-svd", 0.9, True),
+        ("channel-svd", 0.95, True),
     ],
 }
+# tucker2 is left out: on these models it spends minutes per layer in an unoptimized
+# three-operand np.einsum (decompose/svd.py), about 15 minutes for YOLOv8n alone.
 # Pinned for MAC counts and timing; batch stays free for calibration batches.
 DETECTOR_SHAPE = {"images": ("N", 3, yolo.SIZE, yolo.SIZE)}
 OCR_SHAPES = {"det": {"x": ("N", 3, 640, 640)}, "rec": {"x": ("N", 3, 48, 320)}}
@@ -114,7 +115,7 @@ def compress(model: onnx.ModelProto, setting: tuple, shapes: dict, calibration: 
         fc=True,
         input_shapes=shapes,
         check=0,
-        calibration=Calibration(calibration, size=64, batch=8) if calibrated else None,
+        calibration=Calibration(calibration, size=32, batch=8) if calibrated else None,
     )
     totals = report.totals
     status = collections.Counter(r.status for r in report.records)
@@ -167,7 +168,7 @@ def run_nudenet(settings: list, workdir: str) -> tuple[dict, list[dict]]:
     photos = yolo.photos()
     views = evaluation_views(photos)
     calibration = os.path.join(workdir, "nudenet_calibration.npz")
-    np.savez(calibration, images=yolo.augmentations(list(photos.values()), 64))
+    np.savez(calibration, images=yolo.augmentations(list(photos.values()), 32))
     reference = detect_all(original, views)
     rows = []
     for setting in settings:
