@@ -30,6 +30,8 @@ DEGENERATE_NORM_RATIO = 10.0
 DEGENERATE_CONGRUENCE = -0.95
 MU_PER_MISFIT = 1e-5
 WARMUP_SWEEPS = 10
+SMALL_PROBLEM = 50_000  # kernel entries x rank under which cp_decompose restarts a poor fit
+SMALL_RESTARTS = 4
 
 
 @dataclass(frozen=True)
@@ -216,8 +218,24 @@ def cp_decompose(
     """
     kernel = _check(weight, rank)
     budget = max_iter if max_iter is not None else (200 if method == "nls" else 500)
-    fit = fit_tensor(kernel, rank, seed=seed, method=method, max_iter=budget, tol=tol)
-    return _chain(kernel, fit)
+    best = _chain(
+        kernel, fit_tensor(kernel, rank, seed=seed, method=method, max_iter=budget, tol=tol)
+    )
+    # A non-convex fit can stop in a local minimum. Small kernels cost little to refit, so they
+    # get a few random restarts (seeded, so the result stays reproducible); the best is kept.
+    restarts = SMALL_RESTARTS if kernel.size * rank <= SMALL_PROBLEM else 0
+    rng = np.random.default_rng([seed, rank])
+    for _ in range(restarts):
+        if best.relative_error < 1e-7:
+            break
+        init = [rng.standard_normal((size, rank)) / np.sqrt(size) for size in kernel.shape]
+        fit = fit_tensor(
+            kernel, rank, seed=seed, method=method, max_iter=budget, tol=tol, init=init
+        )
+        candidate = _chain(kernel, fit)
+        if candidate.relative_error < best.relative_error:
+            best = candidate
+    return best
 
 
 def cp_als(
