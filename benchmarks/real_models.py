@@ -13,8 +13,8 @@ report's totals), the measured onnxruntime CPU speedup of each whole model (inte
 medians, batch 1, default threads) and the task agreement. Needs scikit-image, matplotlib and
 rapidocr (with its opencv/pyclipper/shapely dependencies) in the environment.
 
-    python benchmarks/real_models.py             # all settings (about 10 minutes on 2 cores)
-    python benchmarks/real_models.py --quick     # one setting per model
+    python benchmarks/real_models.py             # all settings (15-20 minutes on 2 busy cores)
+    python benchmarks/real_models.py --quick     # one setting per model (about 4 minutes)
 """
 
 from __future__ import annotations
@@ -266,11 +266,15 @@ def main(argv: list[str] | None = None) -> int:
             settings = SETTINGS[name][:1] if args.quick else SETTINGS[name]
             out["models"][name], rows = runners[name](settings, workdir)
             out["rows"] += rows
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(out, f, indent=1, default=float)
+            _write(out, args.json)  # after each model, so a long run keeps what it measured
     print(f"wrote {args.json}")
     return 0
+
+
+def _write(out: dict, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1, default=float)
 
 
 if __name__ == "__main__":
