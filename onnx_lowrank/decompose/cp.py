@@ -30,7 +30,7 @@ DEGENERATE_NORM_RATIO = 10.0
 DEGENERATE_CONGRUENCE = -0.95
 MU_PER_MISFIT = 1e-5
 WARMUP_SWEEPS = 10
-SMALL_PROBLEM = 50_000  # kernel entries x rank under which cp_decompose restarts a poor fit
+SMALL_PROBLEM = 5_000  # kernel entries x rank under which cp_decompose restarts a poor fit
 SMALL_RESTARTS = 4
 
 

@@ -32,6 +32,8 @@ class CPPass(ConvPass):
         return (max(1, n * c * kh * kw // (n + c + kh + kw)),)
 
     def choose_rank(self, layer: ConvLayer, spec: RankSpec, multiple: int) -> tuple[int, ...]:
+        if spec.kind == "rank":  # CP has no full rank to clip to; "no gain" guards the cost
+            return (int(spec.value),)
         if spec.kind == "error":
             rank = cp_rank_for_error(layer.weight, spec.value, seed=self.seed)
             return (_round_up(rank, multiple) if rank >= multiple else rank,)
