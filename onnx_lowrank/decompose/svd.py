@@ -162,7 +162,7 @@ class Tucker2:
             )
         ):
             f2, l2 = f.reshape(f.shape[0], -1), la.reshape(la.shape[0], -1)
-            out.append(np.einsum("nr,rs...,sc->nc...", l2, c, f2))
+            out.append(np.einsum("nr,rs...,sc->nc...", l2, c, f2, optimize=True))
         return np.concatenate(out)
 
 
@@ -199,9 +199,11 @@ def tucker2(
             _leading(_mode_unfold(block, 0), r_out),
         )
         for _ in range(sweeps):
-            u_in = _leading(_mode_unfold(np.einsum("nc...,nr->rc...", block, u_out), 1), r_in)
-            u_out = _leading(_mode_unfold(np.einsum("nc...,cr->nr...", block, u_in), 0), r_out)
-        core = np.einsum("nc...,ns,cr->sr...", block, u_out, u_in)
+            u_in = _leading(_mode_unfold(np.tensordot(u_out, block, axes=(0, 0)), 1), r_in)
+            u_out = _leading(
+                _mode_unfold(np.moveaxis(np.tensordot(block, u_in, axes=(1, 0)), -1, 1), 0), r_out
+            )
+        core = np.einsum("nc...,ns,cr->sr...", block, u_out, u_in, optimize=True)
         firsts.append(u_in.T.reshape(r_in, block.shape[1], *ones))
         cores.append(core)
         lasts.append(u_out.reshape(block.shape[0], r_out, *ones))
