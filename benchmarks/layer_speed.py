@@ -68,6 +68,8 @@ def layer_model(c: int, n: int, k: int, size: int, pad: int, seed: int = 0) -> o
 
 def measure(args) -> list[dict]:
     layers = [layer for layer in VGG16 + DENTON if not args.quick or layer[0] in QUICK]
+    if args.layers:
+        layers = [layer for layer in layers if layer[0] in args.layers]
     # Denton's clustered methods need --colors/--groups and have their own script (denton.py)
     methods = args.methods or [m for m in CONV_PASSES if m not in CLUSTERED]
     batches = [1] if args.quick else args.batches
@@ -139,6 +141,7 @@ def main() -> int:
     )
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--layers", nargs="*", help="only these layer names (see the table)")
     parser.add_argument("--out", default=os.path.join(RESULTS, "layer_speed.json"))
     args = parser.parse_args()
     print(
