@@ -36,7 +36,7 @@ FITTED_CUTS = (2.0, 4.0, 8.0)
 EXACT_TAIL = ("separable", "channel-svd")  # error = tail of the spectrum (Eckart-Young)
 CP_MAX_WEIGHTS = 256 * 256 * 9  # CP candidates only for layers up to this size (fit time)
 BASIS_MAX_CHANNELS = 8  # scheme 1 is a basis per input channel: for first layers only
-MAX_CORRECTIONS = 4
+MAX_CORRECTIONS = 4  # measured builds beyond the first when bisecting for a speedup
 
 
 def layer_options(
@@ -203,22 +203,38 @@ def plan_for_target(
 
 
 def _meet_speedup(plan: Plan, path, target: float, build, evaluate):
-    budget = plan.baseline_ms / target
-    best = None
-    for _ in range(MAX_CORRECTIONS):
-        step = next((s for s in path if s.ms <= budget), path[-1])
-        apply_step(plan.layers, step)
-        built = build(plan)
-        speedup = _evaluate(plan, step, built, evaluate)["speedup"]
-        plan.measured_ms = plan.baseline_ms / speedup
-        if best is None or speedup > best[0]:
-            best = (speedup, step, built, plan.measured_ms)
-        if speedup >= target or step is path[-1]:
+    """The earliest step of the path (least error) whose MEASURED speedup meets the target.
+
+    Start at the step the latency model predicts, then bisect on measurements: the measured
+    speedup grows along the path, and taking the earliest step that meets it (not the fastest
+    one seen) keeps a noisy prediction from overshooting into a much less accurate plan."""
+    first = next(
+        (i for i, s in enumerate(path) if s.ms <= plan.baseline_ms / target), len(path) - 1
+    )
+    measured: dict[int, tuple[float, tuple]] = {}
+
+    def speedup_at(index: int) -> float:
+        if index not in measured:
+            apply_step(plan.layers, path[index])
+            built = build(plan)
+            measured[index] = (_evaluate(plan, path[index], built, evaluate)["speedup"], built)
+        return measured[index][0]
+
+    lo, hi = 0, len(path) - 1  # invariant: the answer is in [lo, hi]
+    probe = first
+    for _ in range(MAX_CORRECTIONS + 2):
+        if speedup_at(probe) >= target:
+            hi = probe
+        else:
+            lo = probe + 1
+        if lo >= hi:
             break
-        budget *= speedup / target  # what the model missed by, the prediction must give more
-    speedup, step, built, measured = best
-    apply_step(plan.layers, step)
-    plan.measured_ms = measured
+        probe = (lo + hi) // 2
+    meets = [i for i, (speedup, _) in measured.items() if speedup >= target]
+    best = min(meets) if meets else max(measured, key=lambda i: measured[i][0])
+    apply_step(plan.layers, path[best])
+    speedup, built = measured[best]
+    plan.measured_ms = plan.baseline_ms / speedup
     if speedup < target:
         plan.notes.append(f"target {target:g}x not met: best measured {speedup:.2f}x")
     return plan, built

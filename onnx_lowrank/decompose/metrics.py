@@ -29,18 +29,31 @@ def regularized(moment: np.ndarray, ridge: float = RIDGE) -> np.ndarray:
     return moment + (ridge * scale if scale > 0 else 1.0) * np.eye(len(moment))
 
 
-def psd_sqrt(moment: np.ndarray) -> np.ndarray:
-    """The symmetric square root of a positive semi-definite matrix (regularised first)."""
-    values, vectors = np.linalg.eigh(regularized(moment))
-    return (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
+def _top_eigvecs(gram: np.ndarray, rank: int) -> np.ndarray:
+    """The `rank` leading eigenvectors of a symmetric PSD matrix, zero-padded past its size."""
+    values, vectors = np.linalg.eigh(gram)
+    top = vectors[:, np.argsort(values)[::-1][:rank]]
+    return np.pad(top, ((0, 0), (0, rank - top.shape[1])))
+
+
+def _eig_spectrum(gram: np.ndarray) -> np.ndarray:
+    """Singular values of X from the Gram matrix X X^T (or X^T X)."""
+    return np.sqrt(np.clip(np.sort(np.linalg.eigvalsh(gram))[::-1], 0.0, None))
+
+
+# The whitened maps are never formed: the left singular vectors of W S^(1/2) are the
+# eigenvectors of W S W^T (out x out), and the right ones of S^(1/2) M those of M^T S M, which
+# avoids the square root of a patch moment that can be thousands wide (an 8x8 kernel on 128
+# channels: 8192).
 
 
 def whitened_channel_spectrum(weight: np.ndarray, moments: list[np.ndarray], groups: int = 1):
     """Singular values of each group's W S^(1/2) (the data energy of channel SVD)."""
-    return [
-        np.linalg.svd(b.reshape(len(b), -1) @ psd_sqrt(m), compute_uv=False)
-        for b, m in zip(_blocks(weight, groups), moments)
-    ]
+    out = []
+    for block, moment in zip(_blocks(weight, groups), moments):
+        matrix = block.reshape(len(block), -1)
+        out.append(_eig_spectrum(matrix @ regularized(moment) @ matrix.T))
+    return out
 
 
 def whitened_channel_svd(
@@ -52,8 +65,7 @@ def whitened_channel_svd(
     ones = (1,) * (weight.ndim - 2)
     for block, moment in zip(_blocks(weight, groups), moments):
         matrix = block.reshape(len(block), -1)
-        u = np.linalg.svd(matrix @ psd_sqrt(moment), full_matrices=False)[0][:, :rank]
-        u = np.pad(u, ((0, 0), (0, rank - u.shape[1])))
+        u = _top_eigvecs(matrix @ regularized(moment) @ matrix.T, rank)
         spatials.append((u.T @ matrix).reshape(rank, *block.shape[1:]))
         pointwises.append(u.reshape(len(block), rank, *ones))
     return ChannelSVD(_f32(spatials), _f32(pointwises), groups)
@@ -61,10 +73,11 @@ def whitened_channel_svd(
 
 def whitened_separable_spectrum(weight: np.ndarray, moments: list[np.ndarray], groups: int = 1):
     """Singular values of each group's S^(1/2) M, M the (C*kH) x (N*kW) unfolding."""
-    return [
-        np.linalg.svd(psd_sqrt(m) @ _separable_matrix(b), compute_uv=False)
-        for b, m in zip(_blocks(weight, groups), moments)
-    ]
+    out = []
+    for block, moment in zip(_blocks(weight, groups), moments):
+        matrix = _separable_matrix(block)
+        out.append(_eig_spectrum(matrix.T @ regularized(moment) @ matrix))
+    return out
 
 
 def whitened_separable(
@@ -77,8 +90,7 @@ def whitened_separable(
     for block, moment in zip(_blocks(weight, groups), moments):
         n, c, kh, kw = block.shape
         matrix = _separable_matrix(block)
-        vt = np.linalg.svd(psd_sqrt(moment) @ matrix, full_matrices=False)[2][:rank]
-        vt = np.pad(vt, ((0, rank - len(vt)), (0, 0)))
+        vt = _top_eigvecs(matrix.T @ regularized(moment) @ matrix, rank).T
         left = matrix @ vt.T  # (C*kH, K)
         verticals.append(left.T.reshape(rank, c, kh, 1))
         horizontals.append(vt.reshape(rank, n, kw).transpose(1, 0, 2).reshape(n, rank, 1, kw))
@@ -87,16 +99,16 @@ def whitened_separable(
 
 def whitened_low_rank(matrix: np.ndarray, rank: int, moment: np.ndarray) -> LowRankMatrix:
     """A fully connected weight W (in x out, y = x W) fitted for inputs with second moment S:
-    W' = W V_k V_k^T, V_k from svd(S^(1/2) W); factors W V_k and V_k^T."""
+    W' = W V_k V_k^T, V_k the leading eigenvectors of W^T S W; factors W V_k and V_k^T."""
     matrix = np.asarray(matrix, np.float64)
-    vt = np.linalg.svd(psd_sqrt(moment) @ matrix, full_matrices=False)[2][:rank]
-    vt = np.pad(vt, ((0, rank - len(vt)), (0, 0)))
+    vt = _top_eigvecs(matrix.T @ regularized(moment) @ matrix, rank).T
     return LowRankMatrix((matrix @ vt.T).astype(np.float32), vt.astype(np.float32))
 
 
 def whitened_matrix_spectrum(matrix: np.ndarray, moment: np.ndarray) -> np.ndarray:
     """Singular values of S^(1/2) W: the data energy of a fully connected weight."""
-    return np.linalg.svd(psd_sqrt(moment) @ np.asarray(matrix, np.float64), compute_uv=False)
+    matrix = np.asarray(matrix, np.float64)
+    return _eig_spectrum(matrix.T @ regularized(moment) @ matrix)
 
 
 def least_squares(gram: np.ndarray, cross: np.ndarray, ridge: float = RIDGE) -> np.ndarray:

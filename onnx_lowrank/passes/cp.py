@@ -8,12 +8,16 @@ no meaning for CP. Skipped: 1-D and grouped convs, and depthwise ones."""
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
 from ..config import RankSpec
 from ..cost import ConvShape
 from ..decompose.cp import CPFactors, cp_decompose, cp_rank_for_error
 from .base import ConvLayer, ConvPass, _round_up, stage_geometry
+
+_FITS: dict[tuple, CPFactors] = {}  # this process's CP fits, oldest dropped first
 
 
 class CPPass(ConvPass):
@@ -50,7 +54,18 @@ class CPPass(ConvPass):
         ]
 
     def decompose(self, layer: ConvLayer, rank: tuple[int, ...]) -> CPFactors:
-        return cp_decompose(layer.weight, rank[0], seed=self.seed)
+        # the planner builds several plans from the same layers: fit each (weight, rank) once
+        key = (
+            hashlib.sha1(np.ascontiguousarray(layer.weight).tobytes()).hexdigest(),
+            layer.weight.shape,
+            rank[0],
+            self.seed,
+        )
+        if key not in _FITS:
+            if len(_FITS) >= 64:
+                _FITS.pop(next(iter(_FITS)))
+            _FITS[key] = cp_decompose(layer.weight, rank[0], seed=self.seed)
+        return _FITS[key]
 
     def weights(self, factors: CPFactors) -> list[np.ndarray]:
         return [factors.first, factors.vertical, factors.horizontal, factors.last]
