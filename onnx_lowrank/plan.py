@@ -1,7 +1,7 @@
 """Choose the method and rank of every layer against a whole-model target, with measured cost.
 
 Each factorable layer gets a list of options: the layer as it is, and every method that applies
-at a handful of ranks (those giving 1.4x to 16x fewer multiply-adds, rounded as configured).
+at a dozen ranks (those giving 1.4x to 16x fewer multiply-adds, rounded as configured).
 Each option carries its error (relative weight error, or the whitened output-error estimate
 when calibration statistics are known) and its latency measured in onnxruntime (latency.py).
 `allocate` then moves layers to cheaper options greedily, always taking the move with the least
@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-MAC_CUTS = (1.4, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)
+MAC_CUTS = (1.4, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0, 12.0, 16.0)
 
 
 @dataclass
