@@ -106,6 +106,17 @@ def _batches(ctx: DataContext, model: onnx.ModelProto, names: list[str]):
         yield dict(zip(names, sess.run(names, feed)))
 
 
+def layer_batches(ctx: DataContext, source: onnx.ModelProto, x_name: str, y_name: str):
+    """Per batch, the layer's input in `source` (the compressed model in sequential mode) and
+    its output in the original model (the target)."""
+    if source is ctx.original:
+        return _batches(ctx, ctx.original, [x_name, y_name])
+    return (
+        {**a, **b}
+        for a, b in zip(_batches(ctx, source, [x_name]), _batches(ctx, ctx.original, [y_name]))
+    )
+
+
 def _moments(batches, name: str, geometry: ConvGeometry, seed: int) -> list[np.ndarray]:
     """Per group, the second moment of the input patches `geometry` reads."""
     rng = np.random.default_rng(seed)
@@ -160,13 +171,7 @@ def _statistics(ctx, source, chain, last, order, x_name: str, y_name: str) -> _S
     rng = np.random.default_rng(ctx.seed + 1)
     z_name, out_name = last.inputs[0].name, last.outputs[0].name
     mini = session(_chain_model(ctx.original, chain, x_name, [z_name, out_name]), optimize=False)
-    if source is ctx.original:
-        batches = _batches(ctx, ctx.original, [x_name, y_name])
-    else:
-        batches = (
-            {**a, **b}
-            for a, b in zip(_batches(ctx, source, [x_name]), _batches(ctx, ctx.original, [y_name]))
-        )
+    batches = layer_batches(ctx, source, x_name, y_name)
     geo = _geometry_2d(_node_geometry(last))
     acc: dict = {"grams": None, "crosses": None, "powers": None, "sum_t": 0.0, "sum_o": 0.0, "n": 0}
     for batch in batches:

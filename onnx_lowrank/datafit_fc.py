@@ -13,7 +13,7 @@ import onnx_graphsurgeon as gs
 
 from .assemble import assemble
 from .config import OptimizeConfig
-from .datafit import DataContext, _batches
+from .datafit import DataContext, _batches, layer_batches
 from .decompose.metrics import least_squares, residual
 from .graph import constant_value
 from .passes.gemm import FcLayer, FcSVDPass
@@ -84,13 +84,7 @@ def _effective(second: gs.Node) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 def _statistics(ctx, source, x_name, y_name, left, with_bias):
-    if source is ctx.original:
-        batches = _batches(ctx, ctx.original, [x_name, y_name])
-    else:
-        batches = (
-            {**a, **b}
-            for a, b in zip(_batches(ctx, source, [x_name]), _batches(ctx, ctx.original, [y_name]))
-        )
+    batches = layer_batches(ctx, source, x_name, y_name)
     gram = cross = None
     power = 0.0
     for batch in batches:
