@@ -121,26 +121,31 @@ def _add_optimize(p: argparse.ArgumentParser) -> None:
         "latency measured in onnxruntime; fc-svd alone factors only Gemm/MatMul",
     )
     target = p.add_mutually_exclusive_group()
-    target.add_argument("--rank", type=int, help="the same rank for every layer (clipped to full)")
+    target.add_argument(
+        "--rank", type=int, help="the same rank for every layer (clipped to full; needs a --method)"
+    )
     target.add_argument(
         "--ranks", metavar="R1,R2", help="input and output ranks of tucker2 and bicluster-svd"
     )
     target.add_argument(
         "--energy",
         type=float,
-        help="keep this fraction of the squared singular values, in (0, 1] (default 0.95)",
+        help="keep this fraction of the squared singular values, in (0, 1] (default 0.95; cp, "
+        "separable-basis and the clustered methods have no spectrum and refuse it)",
     )
     target.add_argument(
         "--max-error",
         type=float,
         metavar="X",
-        help="relative Frobenius error of each layer's weight at most X",
+        help="relative Frobenius error of each layer's weight at most X (auto with --data: the "
+        "whole model's max relative output error on that data)",
     )
     target.add_argument(
         "--speedup",
         type=float,
         metavar="S",
-        help="per layer, the largest rank whose MACs are at most 1/S of the layer's",
+        help="auto: the whole model S times faster in measured latency; a named method: per "
+        "layer, the largest rank whose MACs are at most 1/S of the layer's",
     )
     p.add_argument(
         "--rank-multiple",
