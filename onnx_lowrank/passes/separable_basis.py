@@ -15,6 +15,8 @@ from ..cost import ConvShape
 from ..decompose.separable_basis import SeparableBasis, separable_basis
 from .base import ConvLayer, ConvPass, stage_geometry
 
+SMALL_FIT = 20_000  # kernel entries x rank under which the per-channel fits run to convergence
+
 
 class SeparableBasisPass(ConvPass):
     method = "separable-basis"
@@ -53,6 +55,8 @@ class SeparableBasisPass(ConvPass):
         kh, kw = layer.kernel
         if rank[0] >= kh * kw:  # the elementary filters: exact, and no fit needed
             return _elementary_basis(layer.weight, rank[0])
+        if layer.weight.size * rank[0] <= SMALL_FIT:  # small: converge fully, it costs little
+            return separable_basis(layer.weight, rank[0], seed=self.seed, max_iter=300, tol=1e-12)
         return separable_basis(layer.weight, rank[0], seed=self.seed)
 
     def weights(self, factors: SeparableBasis) -> list[np.ndarray]:
