@@ -7,29 +7,11 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from modelgen import assert_same_outputs, attr, conv_model, ops
+from modelgen import assert_same_outputs, attr, conv_model, geometry, ops
 
 import onnx_lowrank as ol
 
 EXAMPLES = settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
-
-
-@st.composite
-def geometry(draw, min_kernel: int = 1):
-    """Kernel, Conv attributes and an input size: strides, dilations, pads or auto_pad."""
-    kernel = [draw(st.integers(min_kernel, 5)), draw(st.integers(1, 5))]
-    strides = [draw(st.integers(1, 3)) for _ in range(2)]
-    auto_pad = draw(st.sampled_from(["NOTSET", "NOTSET", "NOTSET", "SAME_UPPER", "VALID"]))
-    max_dilation = 1 if auto_pad.startswith("SAME") else 2
-    dilations = [draw(st.integers(1, max_dilation)) for _ in range(2)]
-    spans = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
-    size = [s + draw(st.integers(0, 5)) for s in spans]
-    attrs = {"strides": strides, "dilations": dilations}
-    if auto_pad == "NOTSET":
-        attrs["pads"] = [draw(st.integers(0, s - 1)) for s in spans * 2]
-    else:
-        attrs["auto_pad"] = auto_pad
-    return kernel, attrs, size
 
 
 @st.composite
