@@ -27,7 +27,7 @@ from .assemble import assemble
 from .calibrate import Samples
 from .config import Calibration, OptimizeConfig
 from .decompose.metrics import least_squares, residual
-from .graph import ConvGeometry, constant_value, default_opset
+from .graph import ConvGeometry, constant_value, conv_geometry, default_opset
 from .passes.base import ConvLayer, ConvPass
 from .report import LayerRecord
 from .runtime import session
@@ -172,7 +172,8 @@ def _statistics(ctx, source, chain, last, order, x_name: str, y_name: str) -> _S
     z_name, out_name = last.inputs[0].name, last.outputs[0].name
     mini = session(_chain_model(ctx.original, chain, x_name, [z_name, out_name]), optimize=False)
     batches = layer_batches(ctx, source, x_name, y_name)
-    geo = _geometry_2d(_node_geometry(last))
+    kernel = tuple(constant_value(last.inputs[1]).shape[2:])
+    geo = _geometry_2d(conv_geometry(last.attrs, kernel, None))  # chain convs: explicit pads
     acc: dict = {"grams": None, "crosses": None, "powers": None, "sum_t": 0.0, "sum_o": 0.0, "n": 0}
     for batch in batches:
         z, out = mini.run([z_name, out_name], {x_name: batch[x_name]})
@@ -239,19 +240,6 @@ def _replace(conv: gs.Node, weight: np.ndarray, bias: np.ndarray) -> None:
         conv.inputs[2] = new_bias
     else:
         conv.inputs.append(new_bias)
-
-
-def _node_geometry(conv: gs.Node) -> ConvGeometry:
-    weight = constant_value(conv.inputs[1])
-    nd = weight.ndim - 2
-    a = conv.attrs
-    return ConvGeometry(
-        tuple(weight.shape[2:]),
-        tuple(a.get("strides", [1] * nd)),
-        tuple(a.get("dilations", [1] * nd)),
-        tuple(a.get("pads", [0] * 2 * nd)),
-        int(a.get("group", 1)),
-    )
 
 
 def _geometry_2d(g: ConvGeometry) -> ConvGeometry:
