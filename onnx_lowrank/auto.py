@@ -28,6 +28,7 @@ from .passes import CONV_PASSES
 from .passes.base import ConvLayer, read_conv
 from .passes.gemm import FcSVDPass, read_fc
 from .plan import MAC_CUTS, LayerPlan, Option, Plan, allocate, apply_step, fastest_within_error
+from .profile import layer_times, node_times
 
 log = logging.getLogger(__name__)
 AUTO_METHODS = ("separable", "channel-svd", "tucker2", "cp", "separable-basis")
@@ -301,7 +302,9 @@ def run_planner(pinned: onnx.ModelProto, config: OptimizeConfig, data, build):
             plan = Plan.load(config.plan_path)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise LowRankError(f"{config.plan_path}: not a readable plan ({exc})") from None
-        return plan, build(pinned, config, data, plan.choices())
+        built = build(pinned, config, data, plan.choices())
+        profile_layers(plan, pinned, built[0], config)
+        return plan, built
     table = LatencyTable(config.provider, config.threads)
     layers = layer_options(pinned, config, table)
     baseline = timed([pinned], config)["median_ms"][0]
@@ -317,7 +320,21 @@ def run_planner(pinned: onnx.ModelProto, config: OptimizeConfig, data, build):
     plan, built = plan_for_target(layers, baseline, config, build_plan, evaluate)
     if scale < 1:
         plan.notes.append(f"layer timings scaled by {scale:.2f} to the model's measured latency")
+    profile_layers(plan, pinned, built[0], config)
     return plan, built
+
+
+def profile_layers(plan: Plan, original, optimized, config: OptimizeConfig) -> None:
+    """Each layer's measured time inside the original and the optimized model (onnxruntime's
+    profiler, which adds a little per-kernel overhead), for the predicted-vs-measured table."""
+    names = [layer.node for layer in plan.layers]
+    measured = []
+    for model in (original, optimized):
+        times = node_times(model, config.provider, config.batch, config.threads, seed=config.seed)
+        measured.append(layer_times(times, names))
+    for layer in plan.layers:
+        layer.profiled_ms = [measured[0][0][layer.node], measured[1][0][layer.node]]
+    plan.profiled_other_ms = [measured[0][1], measured[1][1]]
 
 
 def _consistency_scale(layers: list[LayerPlan], baseline_ms: float) -> float:

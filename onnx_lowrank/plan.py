@@ -38,6 +38,8 @@ class LayerPlan:
     op: str
     options: list[Option]
     choice: int = 0
+    # from onnxruntime's profiler inside the whole models (profile.py): original, optimized
+    profiled_ms: list[float] | None = None
 
     @property
     def chosen(self) -> Option:
@@ -62,6 +64,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     path: list[dict] = field(default_factory=list)  # the greedy path: predicted ms, error
     trace: list[dict] = field(default_factory=list)  # every plan built: predicted vs measured
+    profiled_other_ms: list[float] | None = None  # the rest of the graph: original, optimized
 
     @property
     def predicted_ms(self) -> float:
@@ -93,7 +96,11 @@ class Plan:
         data = {k: v for k, v in data.items() if k not in ("predicted_ms", "predicted_speedup")}
         layers = [
             LayerPlan(
-                layer["node"], layer["op"], [Option(**o) for o in layer["options"]], layer["choice"]
+                layer["node"],
+                layer["op"],
+                [Option(**o) for o in layer["options"]],
+                layer["choice"],
+                layer.get("profiled_ms"),
             )
             for layer in data.pop("layers")
         ]

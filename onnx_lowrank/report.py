@@ -246,10 +246,14 @@ def plan_table(plan) -> Table:
         f"batch {plan.batch})",
         title_justify="left",
     )
-    for col in ("node", "method", "rank", "weight err", "ms original", "ms predicted"):
+    profiled = plan.profiled_other_ms is not None
+    columns = ["node", "method", "rank", "weight err", "ms original", "ms predicted"]
+    columns += ["ms measured orig", "ms measured"] if profiled else []
+    for col in columns:
         table.add_column(col, justify="left" if col in ("node", "method") else "right")
     for layer in plan.layers:
         chosen, original = layer.chosen, layer.options[0]
+        measured = [f"{ms:.3f}" for ms in layer.profiled_ms or ()] if profiled else []
         table.add_row(
             layer.node,
             chosen.method or "(kept)",
@@ -257,6 +261,17 @@ def plan_table(plan) -> Table:
             f"{chosen.error:.4f}",
             f"{original.ms:.3f}",
             f"{chosen.ms:.3f}",
+            *measured,
+        )
+    if profiled:
+        table.add_row(
+            "(rest of the graph)",
+            "",
+            "",
+            "",
+            "",
+            "",
+            *(f"{ms:.3f}" for ms in plan.profiled_other_ms),
         )
     measured = (
         f", measured {plan.measured_ms:.3f} ms ({plan.baseline_ms / plan.measured_ms:.2f}x)"

@@ -31,9 +31,14 @@ def providers_for(provider: str) -> list[str]:
 
 
 def session(
-    model: onnx.ModelProto, provider: str = "cpu", optimize: bool = True, threads: int | None = None
+    model: onnx.ModelProto,
+    provider: str = "cpu",
+    optimize: bool = True,
+    threads: int | None = None,
+    profile_prefix: str | None = None,
 ) -> ort.InferenceSession:
-    """An inference session; models past protobuf's limit go through a temporary file."""
+    """An inference session; models past protobuf's limit go through a temporary file.
+    With `profile_prefix`, onnxruntime's profiler writes its JSON there (profile.py)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -43,6 +48,9 @@ def session(
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
+    if profile_prefix:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     providers = providers_for(provider)
     try:
         if model.ByteSize() < PROTOBUF_LIMIT:
