@@ -20,6 +20,7 @@ import onnx_graphsurgeon as gs
 
 from .bench import bench
 from .config import OptimizeConfig
+from .datafit import DataContext, input_patches, patch_moments, patch_output_error
 from .decompose.svd import relative_error
 from .errors import LowRankError
 from .graph import infer_shapes
@@ -41,17 +42,29 @@ MAX_CORRECTIONS = 4  # measured builds beyond the first when bisecting for a spe
 
 
 def layer_options(
-    pinned: onnx.ModelProto, config: OptimizeConfig, table: LatencyTable, workers: int | None = None
+    pinned: onnx.ModelProto,
+    config: OptimizeConfig,
+    table: LatencyTable,
+    workers: int | None = None,
+    data: DataContext | None = None,
 ) -> list[LayerPlan]:
-    """Every factorable layer with its options, errors and measured latencies."""
+    """Every factorable layer with its options, errors and measured latencies. With calibration
+    `data` (fit "data"), an option's error is the relative output error of the layer on input
+    patches sampled from the calibration data, with the whitened fits the build will use;
+    otherwise the relative weight error."""
     graph = gs.import_onnx(infer_shapes(pinned))
+    nodes = [n for n in graph.nodes if n.op in ("Conv", "Gemm", "MatMul")]
+    convs = {n.name: read_conv(n) for n in nodes if n.op == "Conv"}
+    convs = {k: v for k, v in convs.items() if not isinstance(v, str)}
+    patches = {}
+    if data is not None and data.calibration.fit == "data" and convs:
+        patches = input_patches(data, list(convs.values()))
     plans, tasks = [], []
-    for node in graph.nodes:
-        if node.op == "Conv":
-            layer = read_conv(node)
-            if not isinstance(layer, str):
-                plans.append(_conv_options(layer, config, table, tasks))
-        elif node.op in ("Gemm", "MatMul") and config.fc:
+    for node in nodes:
+        if node.name in convs:
+            layer = convs[node.name]
+            plans.append(_conv_options(layer, config, table, tasks, patches.get(node.name)))
+        elif node.op != "Conv" and config.fc:
             layer = read_fc(node)
             if not isinstance(layer, str) and layer.kind != "left":
                 plans.append(_fc_options(layer, config, table))
@@ -60,14 +73,19 @@ def layer_options(
     return plans
 
 
-def _conv_options(layer: ConvLayer, config: OptimizeConfig, table, tasks) -> LayerPlan:
+def _conv_options(
+    layer: ConvLayer, config: OptimizeConfig, table, tasks, patches: np.ndarray | None = None
+) -> LayerPlan:
     in_shape = (config.batch, layer.in_channels, *layer.spatial_in)
     options = [Option(None, None, layer.macs, 0.0, table.measure([layer.shape], in_shape))]
     for method in AUTO_METHODS:
         conv_pass = CONV_PASSES[method](seed=config.seed)
         if conv_pass.skip_reason(layer) or _too_costly(method, layer):
             continue
-        spectra = conv_pass.spectra(layer)[0] if method in EXACT_TAIL else None
+        whitening = conv_pass.whitening(layer) if patches is not None else None
+        layer.moments = whitening and patch_moments(patches, layer.group, whitening.kernel)
+        exact = method in EXACT_TAIL
+        spectra = conv_pass.spectra(layer)[0] if exact and patches is None else None
         seen = set()
         for cut in FITTED_CUTS if method in FITTED else MAC_CUTS:
             rank = conv_pass.rank_for_speedup(layer, cut, config.rank_multiple)
@@ -80,9 +98,13 @@ def _conv_options(layer: ConvLayer, config: OptimizeConfig, table, tasks) -> Lay
             if spectra is not None:
                 tail = sum(float((s[rank[0] :] ** 2).sum()) for s in spectra)
                 option.error = float(np.sqrt(tail / sum(float((s**2).sum()) for s in spectra)))
+            elif exact:  # closed-form whitened fits: cheap enough to run here
+                approx = conv_pass.decompose(layer, rank).reconstruct()
+                option.error = patch_output_error(layer.weight, approx, patches, layer.group)
             else:
-                tasks.append((option, method, layer))
+                tasks.append((option, method, layer, patches))
             options.append(option)
+        layer.moments = None
     return LayerPlan(layer.node.name, "Conv", options)
 
 
@@ -117,24 +139,29 @@ def _fill_errors(tasks, seed: int, workers: int | None) -> None:
     disk cache keyed by (weight hash, method, rank, seed)."""
     cache = _FitCache()
     todo = []
-    for option, method, layer in tasks:
-        key = cache.key(layer.weight, method, option.rank, seed)
+    for option, method, layer, patches in tasks:
+        key = cache.key(layer.weight, method, option.rank, seed, patches)
         if key in cache.entries:
             option.error = cache.entries[key]
         else:
-            todo.append((key, option, method, layer))
+            todo.append((key, option, method, layer, patches))
     if todo:
         jobs = [
             (method, layer.weight, layer.geometry, layer.spatial_in, tuple(o.rank), seed)
-            for _, o, method, layer in todo
+            for _, o, method, layer, _ in todo
         ]
         workers = workers or min(len(jobs), os.cpu_count() or 1)
         if workers > 1:  # one BLAS thread per worker: oversubscribed BLAS is many times slower
             with ProcessPoolExecutor(workers, initializer=_one_blas_thread) as pool:
-                errors = list(pool.map(_fit_error, jobs))
+                approximations = list(pool.map(_fit, jobs))
         else:
-            errors = [_fit_error(job) for job in jobs]
-        for (key, option, _, _), error in zip(todo, errors):
+            approximations = [_fit(job) for job in jobs]
+        for (key, option, _, layer, patches), approx in zip(todo, approximations):
+            error = (
+                relative_error(approx, layer.weight)
+                if patches is None
+                else patch_output_error(layer.weight, approx, patches, layer.group)
+            )
             option.error = cache.entries[key] = error
         cache.save()
 
@@ -145,11 +172,11 @@ def _one_blas_thread() -> None:
     threadpool_limits(1)
 
 
-def _fit_error(job) -> float:
+def _fit(job) -> np.ndarray:
+    """The weight a method's fit (weights alone) reconstructs at a rank."""
     method, weight, geometry, spatial, rank, seed = job
     layer = ConvLayer(None, weight, None, geometry, list(spatial), True)
-    factors = CONV_PASSES[method](seed=seed).decompose(layer, rank)
-    return relative_error(factors.reconstruct(), weight)
+    return CONV_PASSES[method](seed=seed).decompose(layer, rank).reconstruct()
 
 
 class _FitCache:
@@ -164,9 +191,13 @@ class _FitCache:
             self.entries = {}
 
     @staticmethod
-    def key(weight: np.ndarray, method: str, rank, seed: int) -> str:
+    def key(weight: np.ndarray, method: str, rank, seed: int, patches=None) -> str:
+        """(weight hash, method, rank, seed) and the fit: weights, or data and which data."""
         digest = hashlib.sha1(np.ascontiguousarray(weight).tobytes()).hexdigest()[:16]
-        return f"{digest}|{weight.shape}|{method}|{list(rank)}|{seed}"
+        fit = "weights"
+        if patches is not None:
+            fit = "data:" + hashlib.sha1(np.ascontiguousarray(patches).tobytes()).hexdigest()[:16]
+        return f"{digest}|{weight.shape}|{method}|{list(rank)}|{seed}|{fit}"
 
     def save(self) -> None:
         try:
@@ -306,7 +337,8 @@ def run_planner(pinned: onnx.ModelProto, config: OptimizeConfig, data, build):
         profile_layers(plan, pinned, built[0], config)
         return plan, built
     table = LatencyTable(config.provider, config.threads)
-    layers = layer_options(pinned, config, table)
+    layers = layer_options(pinned, config, table, data=data)
+    data_errors = data is not None and data.calibration.fit == "data"
     baseline = timed([pinned], config)["median_ms"][0]
     scale = _consistency_scale(layers, baseline)
     quality = _Quality(pinned, config)
@@ -320,6 +352,8 @@ def run_planner(pinned: onnx.ModelProto, config: OptimizeConfig, data, build):
     plan, built = plan_for_target(layers, baseline, config, build_plan, evaluate)
     if scale < 1:
         plan.notes.append(f"layer timings scaled by {scale:.2f} to the model's measured latency")
+    if data_errors:
+        plan.notes.append("conv errors: relative output error on calibration input patches")
     profile_layers(plan, pinned, built[0], config)
     return plan, built
 

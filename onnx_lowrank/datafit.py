@@ -34,6 +34,8 @@ from .runtime import session
 
 log = logging.getLogger(__name__)
 POSITIONS = 64  # output positions sampled per image for the statistics
+PLAN_ROWS = 4096  # input patches per layer kept for the planner's output-error estimates
+PLAN_BYTES = 1 << 30  # patches held at once: layers are sampled in chunks within this
 
 
 @dataclass
@@ -129,6 +131,64 @@ def _moments(batches, name: str, geometry: ConvGeometry, seed: int) -> list[np.n
         grams = [q.T @ q for q in parts]
         moments = grams if moments is None else [m + g for m, g in zip(moments, grams)]
     return moments
+
+
+def input_patches(ctx: DataContext, layers: list[ConvLayer]) -> dict[str, np.ndarray]:
+    """Per layer (node name): up to PLAN_ROWS input patches (rows, C, kH, kW), float32, spread
+    over the calibration samples of the ORIGINAL model; one pass over the data per chunk of
+    layers whose patches fit in PLAN_BYTES."""
+    per_image = max(1, -(-PLAN_ROWS // max(1, len(ctx.samples))))
+    chunks, chunk, held = [], [], 0
+    for layer in layers:
+        size = PLAN_ROWS * layer.weight[0].size * layer.group * 4
+        if chunk and held + size > PLAN_BYTES:
+            chunks.append(chunk)
+            chunk, held = [], 0
+        chunk.append(layer)
+        held += size
+    chunks += [chunk] if chunk else []
+    rng = np.random.default_rng(ctx.seed + 2)
+    out: dict[str, np.ndarray] = {}
+    for chunk in chunks:
+        names = list(dict.fromkeys(layer.node.inputs[0].name for layer in chunk))
+        parts: dict[str, list[np.ndarray]] = {layer.node.name: [] for layer in chunk}
+        for batch in _batches(ctx, ctx.original, names):
+            for layer in chunk:
+                x = _as_2d(batch[layer.node.inputs[0].name])
+                geo = _geometry_2d(layer.geometry)
+                positions = _positions(rng, geo, x.shape[2:], count=per_image)
+                parts[layer.node.name].append(_patches(x, geo, positions).astype(np.float32))
+        for name, rows in parts.items():
+            out[name] = np.concatenate(rows)[:PLAN_ROWS]
+    return out
+
+
+def patch_moments(patches: np.ndarray, group: int, kernel: tuple[int, ...] | None = None):
+    """Per group, the second moment of `patches` (rows, C, kH, kW); with `kernel` (kH, 1), of
+    their kH x 1 columns (the input patches of a separable chain's vertical conv)."""
+    moments = []
+    for part in np.split(patches.astype(np.float64), group, axis=1):
+        if kernel is not None and kernel[-1] == 1 and part.shape[-1] > 1:
+            # every column is a patch of the kH x 1 conv: (rows * kW, C * kH)
+            flat = part.transpose(0, 3, 1, 2).reshape(-1, part.shape[1] * part.shape[2])
+        else:
+            flat = part.reshape(len(part), -1)
+        moments.append(flat.T @ flat)
+    return moments
+
+
+def patch_output_error(
+    weight: np.ndarray, approx: np.ndarray, patches: np.ndarray, group: int
+) -> float:
+    """Relative error of the layer's output (bias aside) on `patches` when `approx` replaces
+    `weight`: ||(W - W') P|| / ||W P||."""
+    num = den = 0.0
+    parts = np.split(patches.astype(np.float64), group, axis=1)
+    for w, a, p in zip(np.split(weight, group), np.split(approx, group), parts):
+        flat = p.reshape(len(p), -1).T
+        num += float(np.sum(((w - a).reshape(len(w), -1).astype(np.float64) @ flat) ** 2))
+        den += float(np.sum((w.reshape(len(w), -1).astype(np.float64) @ flat) ** 2))
+    return float(np.sqrt(num / den)) if den > 0 else 0.0
 
 
 @dataclass
@@ -255,11 +315,13 @@ def _as_2d(x: np.ndarray) -> np.ndarray:
     return x[:, :, None, :] if x.ndim == 3 else x
 
 
-def _positions(rng, geo: ConvGeometry, in_size, out_size=None) -> tuple[np.ndarray, np.ndarray]:
-    """Up to POSITIONS output positions (row, col indices), all of them on small maps."""
+def _positions(
+    rng, geo: ConvGeometry, in_size, out_size=None, count: int = POSITIONS
+) -> tuple[np.ndarray, np.ndarray]:
+    """Up to `count` output positions (row, col indices), all of them on small maps."""
     out_size = out_size or [geo.output_size(s, a) for a, s in enumerate(in_size)]
     total = out_size[0] * out_size[1]
-    flat = np.arange(total) if total <= POSITIONS else rng.choice(total, POSITIONS, replace=False)
+    flat = np.arange(total) if total <= count else rng.choice(total, count, replace=False)
     return flat // out_size[1], flat % out_size[1]
 
 

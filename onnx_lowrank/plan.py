@@ -2,8 +2,8 @@
 
 Each factorable layer gets a list of options: the layer as it is, and every method that applies
 at a dozen ranks (those giving 1.4x to 16x fewer multiply-adds, rounded as configured).
-Each option carries its error (relative weight error, or the whitened output-error estimate
-when calibration statistics are known) and its latency measured in onnxruntime (latency.py).
+Each option carries its error (relative weight error, or with calibration data the relative
+output error on input patches sampled from it) and its latency measured in onnxruntime (latency.py).
 `allocate` then moves layers to cheaper options greedily, always taking the move with the least
 added squared error per millisecond saved, until the predicted model latency meets the budget.
 With convex error/latency curves every point of that path is optimal for its own latency.

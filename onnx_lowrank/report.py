@@ -247,7 +247,7 @@ def plan_table(plan) -> Table:
         title_justify="left",
     )
     profiled = plan.profiled_other_ms is not None
-    columns = ["node", "method", "rank", "weight err", "ms original", "ms predicted"]
+    columns = ["node", "method", "rank", "error", "ms original", "ms predicted"]
     columns += ["ms measured orig", "ms measured"] if profiled else []
     for col in columns:
         table.add_column(col, justify="left" if col in ("node", "method") else "right")
