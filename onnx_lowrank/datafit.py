@@ -27,6 +27,7 @@ from .assemble import assemble
 from .calibrate import Samples
 from .config import Calibration, OptimizeConfig
 from .decompose.metrics import least_squares, residual
+from .errors import LowRankError
 from .graph import ConvGeometry, constant_value, conv_geometry, default_opset
 from .passes.base import ConvLayer, ConvPass
 from .report import LayerRecord
@@ -104,8 +105,25 @@ def _batches(ctx: DataContext, model: onnx.ModelProto, names: list[str]):
     outputs = {o.name for o in probe.graph.output}
     probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in outputs)
     sess = session(probe, optimize=False)
-    for feed in ctx.samples.batches(ctx.calibration.batch):
+    fixed = _fixed_batch(model, ctx.samples)
+    if fixed and len(ctx.samples) < fixed:
+        raise LowRankError(
+            f"the model's batch is fixed at {fixed}; the calibration data has only "
+            f"{len(ctx.samples)} samples"
+        )
+    for feed in ctx.samples.batches(fixed or ctx.calibration.batch):
+        if fixed and len(next(iter(feed.values()))) != fixed:
+            continue  # the incomplete last batch of a fixed-batch model
         yield dict(zip(names, sess.run(names, feed)))
+
+
+def _fixed_batch(model: onnx.ModelProto, samples: Samples) -> int | None:
+    """The batch size the model's inputs fix (exported with batch 1, say), else None."""
+    for vi in model.graph.input:
+        dims = vi.type.tensor_type.shape.dim
+        if vi.name in samples.arrays and dims and dims[0].dim_value > 0:
+            return dims[0].dim_value
+    return None
 
 
 def layer_batches(ctx: DataContext, source: onnx.ModelProto, x_name: str, y_name: str):

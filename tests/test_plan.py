@@ -7,10 +7,17 @@ import itertools
 import json
 
 import numpy as np
+import onnx_graphsurgeon as gs
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from modelgen import conv_model, run
 
+from onnx_lowrank.auto import layer_options
+from onnx_lowrank.calibrate import Samples
+from onnx_lowrank.config import Calibration, OptimizeConfig
+from onnx_lowrank.datafit import DataContext, input_patches, patch_output_error
 from onnx_lowrank.latency import LatencyTable, MatMulShape
+from onnx_lowrank.passes.base import read_conv
 from onnx_lowrank.plan import LayerPlan, Option, Plan, allocate, apply_step
 
 
@@ -62,9 +69,11 @@ def test_plan_file_round_trips(tmp_path):
     layers = [_convex_layer(rng, f"l{i}", 3) for i in range(2)]
     plan = Plan(layers, 12.5, target={"kind": "speedup", "value": 2.0}, measured_ms=6.0)
     apply_step(layers, allocate(layers, 12.5)[2])
+    layers[0].profiled_ms, plan.profiled_other_ms = [1.5, 0.25], [0.5, 0.5]
     plan.save(tmp_path / "plan.json")
     loaded = Plan.load(tmp_path / "plan.json")
     assert loaded.choices() == plan.choices() and loaded.predicted_ms == plan.predicted_ms
+    assert loaded.layers[0].profiled_ms == [1.5, 0.25] and loaded.profiled_other_ms == [0.5, 0.5]
     assert json.loads((tmp_path / "plan.json").read_text())["predicted_speedup"] > 1
 
 
@@ -80,3 +89,44 @@ def test_latency_cache_is_reused_and_keyed_by_provider_and_version(tmp_path, mon
     assert other.path != again.path and other.entries == {}
     cuda = LatencyTable("cuda", cache_dir=str(tmp_path), runs=3)
     assert cuda.path != again.path
+
+
+def _data_context(model, x):
+    return DataContext(model, Samples({"x": x}), Calibration("cal.npz", size=len(x), fit="data"))
+
+
+def test_patch_output_error_is_the_output_error_onnxruntime_measures():
+    rng = np.random.default_rng(3)
+    weight = rng.standard_normal((12, 4, 3, 3)).astype(np.float32)
+    model = conv_model(weight, ["N", 4, 10, 10], {"pads": [1, 0, 1, 0]})
+    x = rng.standard_normal((16, 4, 10, 10)).astype(np.float32)
+    layer = read_conv(gs.import_onnx(model).nodes[0])
+    patches = input_patches(_data_context(model, x), [layer])["conv"]
+    assert patches.shape == (16 * 10 * 8, 4, 3, 3)  # every position of every image
+    approx = weight + 0.1 * rng.standard_normal(weight.shape).astype(np.float32)
+    (y,) = run(model, {"x": x})
+    (y2,) = run(conv_model(approx, ["N", 4, 10, 10], {"pads": [1, 0, 1, 0]}), {"x": x})
+    expected = np.linalg.norm(y - y2) / np.linalg.norm(y)
+    assert np.isclose(patch_output_error(weight, approx, patches, 1), expected, rtol=1e-4)
+    assert patch_output_error(weight, weight, patches, 1) == 0.0
+
+
+def test_planner_errors_follow_the_calibration_data(tmp_path, monkeypatch):
+    """Inputs that are constant over space on one channel: every rank of a whitened fit
+    reproduces the outputs, so its data errors are ~0 where the weight errors are large."""
+    monkeypatch.setattr("onnx_lowrank.auto.CACHE_DIR", str(tmp_path))
+    rng = np.random.default_rng(4)
+    weight = rng.standard_normal((16, 8, 3, 3)).astype(np.float32)
+    model = conv_model(weight, [1, 8, 12, 12])
+    x = np.zeros((8, 8, 12, 12), np.float32)
+    x[:, 0] = rng.standard_normal((8, 1, 1))
+    config = OptimizeConfig.from_options(method="auto", speedup=2.0)
+    table = LatencyTable("cpu", cache_dir=str(tmp_path), runs=2)
+    by_weights = layer_options(model, config, table, workers=1)[0].options[1:]
+    by_data = layer_options(model, config, table, workers=1, data=_data_context(model, x))
+    by_data = by_data[0].options[1:]
+    assert [(o.method, o.rank) for o in by_data] == [(o.method, o.rank) for o in by_weights]
+    # the whitened fits (what the build runs with calibration) keep what the data uses
+    whitened = [i for i, o in enumerate(by_data) if o.method in ("separable", "channel-svd")]
+    assert len(whitened) >= 4
+    assert max(by_data[i].error for i in whitened) < 1e-3 < min(o.error for o in by_weights)
