@@ -63,7 +63,8 @@ def layer_options(
     for node in nodes:
         if node.name in convs:
             layer = convs[node.name]
-            plans.append(_conv_options(layer, config, table, tasks, patches.get(node.name)))
+            whiten = data is not None and data.calibration.whiten
+            plans.append(_conv_options(layer, config, table, tasks, patches.get(node.name), whiten))
         elif node.op != "Conv" and config.fc:
             layer = read_fc(node)
             if not isinstance(layer, str) and layer.kind != "left":
@@ -74,7 +75,12 @@ def layer_options(
 
 
 def _conv_options(
-    layer: ConvLayer, config: OptimizeConfig, table, tasks, patches: np.ndarray | None = None
+    layer: ConvLayer,
+    config: OptimizeConfig,
+    table,
+    tasks,
+    patches: np.ndarray | None = None,
+    whiten: bool = False,
 ) -> LayerPlan:
     in_shape = (config.batch, layer.in_channels, *layer.spatial_in)
     options = [Option(None, None, layer.macs, 0.0, table.measure([layer.shape], in_shape))]
@@ -82,7 +88,7 @@ def _conv_options(
         conv_pass = CONV_PASSES[method](seed=config.seed)
         if conv_pass.skip_reason(layer) or _too_costly(method, layer):
             continue
-        whitening = conv_pass.whitening(layer) if patches is not None else None
+        whitening = conv_pass.whitening(layer) if whiten and patches is not None else None
         layer.moments = whitening and patch_moments(patches, layer.group, whitening.kernel)
         exact = method in EXACT_TAIL
         spectra = conv_pass.spectra(layer)[0] if exact and patches is None else None

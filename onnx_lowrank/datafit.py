@@ -26,7 +26,7 @@ from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from .assemble import assemble
 from .calibrate import Samples
 from .config import Calibration, OptimizeConfig
-from .decompose.metrics import least_squares, residual
+from .decompose.metrics import RIDGE, cross_validated_ridge, least_squares, residual
 from .errors import LowRankError
 from .graph import ConvGeometry, constant_value, conv_geometry, default_opset
 from .passes.base import ConvLayer, ConvPass
@@ -60,7 +60,7 @@ def fit_layer(
         layer.node.origin,
     )
     source = assemble(ctx.original, graph) if cal.sequential else ctx.original
-    geometry = conv_pass.whitening(layer) if cal.fit == "data" else None
+    geometry = conv_pass.whitening(layer) if cal.fit == "data" and cal.whiten else None
     if geometry is not None:
         layer.moments = _moments(_batches(ctx, source, [x_name]), x_name, geometry, ctx.seed)
     record = conv_pass.rewrite(graph, layer, config)
@@ -74,8 +74,9 @@ def fit_layer(
     bias = bias if bias is not None else np.zeros(len(weight), weight.dtype)
     before = stats.error(weight, bias)
     if cal.fit == "data":
-        new_weight, new_bias = stats.solve(weight)
+        new_weight, new_bias, ridge = stats.solve(weight, bias)
         record.fit = "data: whitened + least squares" if geometry else "data: least squares"
+        record.fit += f" (ridge {ridge:g})" if ridge is not None else " (refit kept out: overfits)"
     else:
         new_weight, new_bias = (
             weight,
@@ -219,6 +220,7 @@ class _Stats:
     powers: list[float]
     mean_target: np.ndarray
     mean_output: np.ndarray
+    fold0: tuple | None = None  # (grams, crosses, powers) of the even batches; None: one batch
 
     def _solutions(self, weight: np.ndarray, bias: np.ndarray):
         flat = weight.reshape(len(weight), -1).astype(np.float64)
@@ -236,12 +238,29 @@ class _Stats:
         power = sum(self.powers)
         return float(np.sqrt(total / power)) if power > 0 else 0.0
 
-    def solve(self, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Least-squares weights and bias of the last conv."""
-        solutions = [least_squares(g, c) for g, c in zip(self.grams, self.crosses)]
+    def solve(self, weight: np.ndarray, bias: np.ndarray):
+        """Least-squares weights and bias of the last conv, with the ridge that predicts
+        held-out data best (two folds of the calibration batches); the given ones, and ridge
+        None, when no refit beats them on held-out data."""
+        ridge = RIDGE
+        if self.fold0 is not None:
+            folds = [
+                ((g0, c0, p0), (g - g0, c - c0, p - p0))
+                for g, c, p, g0, c0, p0 in zip(self.grams, self.crosses, self.powers, *self.fold0)
+            ]
+            ridge, held = cross_validated_ridge(folds)
+            current = sum(
+                residual(g, c, p, s)
+                for g, c, p, s in zip(
+                    self.grams, self.crosses, self.powers, self._solutions(weight, bias)
+                )
+            )
+            if held >= current:
+                return weight, bias, None
+        solutions = [least_squares(g, c, ridge) for g, c in zip(self.grams, self.crosses)]
         new_weight = np.concatenate([s[:-1].T for s in solutions]).reshape(weight.shape)
         new_bias = np.concatenate([s[-1] for s in solutions])
-        return new_weight.astype(weight.dtype), new_bias.astype(weight.dtype)
+        return new_weight.astype(weight.dtype), new_bias.astype(weight.dtype), ridge
 
 
 def _statistics(ctx, source, chain, last, order, x_name: str, y_name: str) -> _Stats:
@@ -253,20 +272,30 @@ def _statistics(ctx, source, chain, last, order, x_name: str, y_name: str) -> _S
     kernel = tuple(constant_value(last.inputs[1]).shape[2:])
     geo = _geometry_2d(conv_geometry(last.attrs, kernel, None))  # chain convs: explicit pads
     acc: dict = {"grams": None, "crosses": None, "powers": None, "sum_t": 0.0, "sum_o": 0.0, "n": 0}
-    for batch in batches:
+    fold0: dict = {"grams": None, "crosses": None, "powers": None}
+    count = 0
+    for count, batch in enumerate(batches, 1):
         z, out = mini.run([z_name, out_name], {x_name: batch[x_name]})
         y = batch[y_name] if order is None else batch[y_name][:, np.argsort(order)]
-        _accumulate(acc, rng, geo, _as_2d(z), _as_2d(y), _as_2d(out))
+        new = _accumulate(acc, rng, geo, _as_2d(z), _as_2d(y), _as_2d(out))
+        if count % 2:  # odd-numbered batches: the first fold for choosing the ridge
+            _add(fold0, *new)
     return _Stats(
         acc["grams"],
         acc["crosses"],
         acc["powers"],
         acc["sum_t"] / acc["n"],
         acc["sum_o"] / acc["n"],
+        (fold0["grams"], fold0["crosses"], fold0["powers"]) if count > 1 else None,
     )
 
 
-def _accumulate(acc: dict, rng, geo: ConvGeometry, z, y, out) -> None:
+def _add(acc: dict, grams, crosses, powers) -> None:
+    for key, new in (("grams", grams), ("crosses", crosses), ("powers", powers)):
+        acc[key] = new if acc[key] is None else [a + b for a, b in zip(acc[key], new)]
+
+
+def _accumulate(acc: dict, rng, geo: ConvGeometry, z, y, out) -> tuple[list, list, list]:
     rows, cols = _positions(rng, geo, z.shape[2:], y.shape[2:])
     patches = _patches(z, geo, (rows, cols))
     target = y[:, :, rows, cols].transpose(0, 2, 1).reshape(-1, y.shape[1]).astype(np.float64)
@@ -276,11 +305,11 @@ def _accumulate(acc: dict, rng, geo: ConvGeometry, z, y, out) -> None:
         grams.append(flat.T @ flat)
         crosses.append(flat.T @ t)
         powers.append(float(np.sum(t**2)))
-    for key, new in (("grams", grams), ("crosses", crosses), ("powers", powers)):
-        acc[key] = new if acc[key] is None else [a + b for a, b in zip(acc[key], new)]
+    _add(acc, grams, crosses, powers)
     acc["sum_t"] = acc["sum_t"] + y.astype(np.float64).sum(axis=(0, 2, 3))
     acc["sum_o"] = acc["sum_o"] + out.astype(np.float64).sum(axis=(0, 2, 3))
     acc["n"] += y.shape[0] * y.shape[2] * y.shape[3]
+    return grams, crosses, powers
 
 
 def _chain_model(

@@ -33,7 +33,7 @@ def fit_fc_layer(
     x_name, y_name, origin = node.inputs[0].name, node.outputs[0].name, node.origin
     source = assemble(ctx.original, graph) if cal.sequential else ctx.original
     k = layer.matrix.shape[0]
-    if cal.fit == "data":
+    if cal.fit == "data" and cal.whiten:
         layer.moment = sum(
             _rows(b[x_name], k).T @ _rows(b[x_name], k) for b in _batches(ctx, source, [x_name])
         )
@@ -52,7 +52,7 @@ def fit_fc_layer(
     before = _relative(gram, cross, power, current)
     if cal.fit == "data":
         solution = least_squares(gram, cross)
-        record.fit = "data: whitened + least squares"
+        record.fit = "data: whitened + least squares" if cal.whiten else "data: least squares"
     else:
         mean_gap = (cross[-1] - gram[-1] @ current) / gram[-1, -1] if with_bias else 0.0
         solution = current + (np.eye(len(current))[-1][:, None] * mean_gap if with_bias else 0.0)

@@ -28,13 +28,13 @@ def subspace_data(tmp_path_factory):
     return str(path), x
 
 
-def _fit(path, method="separable", fit="data", **options):
+def _fit(path, method="separable", fit="data", whiten=True, **options):
     out, report = ol.optimize(
         MODEL,
         method=method,
         check=0,
         rank_multiple=1,
-        calibration=Calibration(path, fit=fit),
+        calibration=Calibration(path, fit=fit, whiten=whiten),
         **options,
     )
     return out, report.records[0]
@@ -66,6 +66,39 @@ def test_data_fit_is_near_exact_on_a_subspace_where_weights_are_not(subspace_dat
     assert weights.output_error_after > 0.3
     assert data.output_error_after < 1e-3
     assert data.fit.startswith("data")
+
+
+@pytest.mark.parametrize("method", ["separable", "channel-svd"])
+def test_unwhitened_data_fit_is_the_weight_fit_refitted(method, subspace_data):
+    """The default data fit (no --whiten) factors the weights alone, then refits the last conv:
+    its error is at most the bias-corrected weight fit's, and above the whitened fit's."""
+    path, _ = subspace_data
+    _, weights = _fit(path, method=method, fit="weights", rank=4, force=True)
+    _, plain = _fit(path, method=method, whiten=False, rank=4, force=True)
+    _, whitened = _fit(path, method=method, rank=4, force=True)
+    assert plain.fit.startswith("data: least squares") and "whitened" in whitened.fit
+    assert plain.output_error_before == pytest.approx(weights.output_error_before, rel=1e-6)
+    assert plain.output_error_after <= weights.output_error_after + 1e-9
+    assert whitened.output_error_after < plain.output_error_after
+
+
+def test_refit_ridge_is_chosen_on_held_out_calibration_data():
+    """Fewer calibration rows than unknowns: the held-out fold asks for a strong ridge; with
+    plenty of clean rows, the weakest one wins."""
+    rng = np.random.default_rng(5)
+
+    def folds(rows, noise):
+        truth = rng.standard_normal((40, 3))
+        parts = []
+        for _ in range(2):
+            z = rng.standard_normal((rows, 40))
+            y = z @ truth + noise * rng.standard_normal((rows, 3))
+            parts.append((z.T @ z, z.T @ y, float((y**2).sum())))
+        return [parts]
+
+    few, _ = metrics.cross_validated_ridge(folds(12, 1.0))
+    many, _ = metrics.cross_validated_ridge(folds(2000, 0.0))
+    assert few > many == metrics.RIDGES[0]
 
 
 @pytest.mark.parametrize("method", ["separable", "channel-svd", "tucker2", "cp"])
@@ -193,7 +226,7 @@ def test_fc_data_fit_on_a_subspace(op, tmp_path):
             rank=4,
             check=0,
             rank_multiple=1,
-            calibration=Calibration(str(tmp_path / "c.npz"), fit=fit),
+            calibration=Calibration(str(tmp_path / "c.npz"), fit=fit, whiten=True),
         )
         record = report.records[0]
         assert record.output_error_after <= record.output_error_before + 1e-9

@@ -92,7 +92,8 @@ def test_latency_cache_is_reused_and_keyed_by_provider_and_version(tmp_path, mon
 
 
 def _data_context(model, x):
-    return DataContext(model, Samples({"x": x}), Calibration("cal.npz", size=len(x), fit="data"))
+    calibration = Calibration("cal.npz", size=len(x), fit="data", whiten=True)
+    return DataContext(model, Samples({"x": x}), calibration)
 
 
 def test_patch_output_error_is_the_output_error_onnxruntime_measures():

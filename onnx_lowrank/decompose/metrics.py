@@ -20,6 +20,7 @@ import numpy as np
 from .svd import ChannelSVD, LowRankMatrix, SpatialSeparable, _blocks, _f32, _separable_matrix
 
 RIDGE = 1e-4  # relative to the mean diagonal of a Gram/moment matrix
+RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # tried by cross-validation for a least-squares refit
 
 
 def regularized(moment: np.ndarray, ridge: float = RIDGE) -> np.ndarray:
@@ -122,3 +123,21 @@ def residual(
     """||Y - Z A||^2 from the accumulated statistics (no activations kept)."""
     value = target_power - 2 * np.sum(solution * cross) + np.sum(solution * (gram @ solution))
     return max(float(value), 0.0)
+
+
+def cross_validated_ridge(problems) -> tuple[float, float]:
+    """The ridge (from RIDGES) with the least two-fold held-out residual, and that residual.
+
+    `problems`: per independent least-squares problem (a group of a conv), its two folds as
+    (gram, cross, target_power). A refit with more unknowns than the calibration data pins
+    down (an 8x8 conv over an 8x8 map has one output position per image) fits noise in the
+    sample; the held-out fold shows it and picks a stronger ridge."""
+    best = None
+    for ridge in RIDGES:
+        held = 0.0
+        for folds in problems:
+            for train, test in ((folds[0], folds[1]), (folds[1], folds[0])):
+                held += residual(*test, least_squares(train[0], train[1], ridge))
+        if best is None or held < best[1]:
+            best = (ridge, held)
+    return best
