@@ -1,8 +1,9 @@
 """Test accuracy against measured speedup of the sample models, weight-only vs data-aware fits.
 
 For each sample model (samples/charnet, samples/digits), each conv method and each per-layer
-MAC cut S (`speedup=S`), the model is optimized twice: weight-only fits, and data-aware fits
-(`calibration=Calibration(..., fit="data")`). Rows record the test accuracy, the drop in points,
+MAC cut S (`speedup=S`), the model is optimized once per fit (`--fits`): weight-only (no data),
+bias (weight-only + bias correction on calibration data), data (least-squares refit, the
+default data fit) and data-whiten (whitened fit + refit). Rows record the test accuracy, the drop in points,
 the whole-model MAC ratio and the measured onnxruntime CPU speedup of the whole model (side by
 side, interleaved, one thread, batch 1 and 32). The layers compressed are those the papers
 compress: every conv but the first (one input channel) and the classifier, i.e. charnet conv2 and
@@ -47,6 +48,9 @@ MODELS = ("charnet", "digits")
 METHODS = ("separable", "channel-svd", "tucker2", "cp", "separable-basis")
 SLOW = ("cp", "separable-basis")  # iterative fits: fewer points
 CUTS = (2.0, 3.0, 4.0, 6.0, 8.0, 10.0)
+# fit name -> (Calibration.fit, whiten); "weights" uses no calibration data at all
+FITS = {"weights": None, "bias": ("weights", False), "data": ("data", False)}
+FITS["data-whiten"] = ("data", True)
 SLOW_CUTS = (2.0, 4.0, 8.0)
 PAPERS = [
     ("Jaderberg 2014 (charnet)", "2.5x, no loss; 4.5x, < 1% drop"),
@@ -140,8 +144,11 @@ def run_one(ctx: dict, method: str, cut: float, fit: str) -> dict | None:
         if path is None:
             return None
         options["plan_path"] = path
-    if fit == "data":
-        options["calibration"] = Calibration(ctx["calibration"], size=ctx["cal_size"], fit="data")
+    if fit != "weights":  # FITS: bias correction, data (refit), data with whitening
+        kind, whiten = FITS[fit]
+        options["calibration"] = Calibration(
+            ctx["calibration"], size=ctx["cal_size"], fit=kind, whiten=whiten
+        )
     start = time.perf_counter()
     try:
         new, report = ol.optimize(ctx["model"], **options)
@@ -253,14 +260,14 @@ def plot(rows: list[dict], path: str) -> None:
     colours = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     for ax, model in zip(axes[0], models):
         for method in METHODS:
-            for fit, style in (("weights", "--"), ("data", "-")):
+            for fit, style in zip(FITS, ("--", "-.", "-", ":")):
                 pts = sorted(
                     (r["speedup_b1"], 100 * r["accuracy"])
                     for r in rows
                     if r["model"] == model and r["method"] == method and r["fit"] == fit
                 )
                 if pts:
-                    label = f"{method} ({'data' if fit == 'data' else 'weights'})"
+                    label = f"{method} ({fit})"
                     ax.plot(*zip(*pts), style, marker="o", ms=3, color=colours[method], label=label)
         ref = next(r["reference"] for r in rows if r["model"] == model)
         ax.axhline(100 * ref - 1, color="grey", lw=0.8, ls=":", label="1 point drop")
@@ -294,6 +301,12 @@ def main() -> None:
     parser.add_argument("--methods", default=None, help="comma-separated (default: all)")
     parser.add_argument("--layers", choices=("paper", "all"), default="paper")
     parser.add_argument("--cuts", default=None, help="comma-separated MAC cuts (default: all)")
+    parser.add_argument(
+        "--fits",
+        default="weights,data",
+        help="comma-separated from: weights (no data), bias (weights + bias correction), "
+        "data (least-squares refit), data-whiten (whitened fit + refit)",
+    )
     parser.add_argument("--cal-size", type=int, default=512)
     parser.add_argument("--runs", type=int, default=20, help="timed runs per model and batch")
     parser.add_argument("--out", default=os.path.join(RESULTS, "accuracy.json"))
@@ -312,7 +325,7 @@ def main() -> None:
                     c for c in map(float, args.cuts.split(",")) if method not in SLOW or c in cuts
                 ]
             for cut in cuts:
-                for fit in ("weights", "data"):
+                for fit in args.fits.split(","):
                     row = run_one(ctx, method, cut, fit)
                     if row:
                         rows.append({**row, "reference": ctx["reference"]})
