@@ -5,9 +5,10 @@ MAC cut S (`speedup=S`), the model is optimized once per fit (`--fits`): weight-
 bias (weight-only + bias correction on calibration data), data (least-squares refit, the
 default data fit) and data-whiten (whitened fit + refit). Rows record the test accuracy, the
 drop in points, the whole-model MAC ratio and the measured onnxruntime CPU speedup of the whole
-model (side by side, interleaved, one thread, batch 1 and 32). The layers compressed are those the papers
-compress: every conv but the first (one input channel) and the classifier, i.e. charnet conv2 and
-conv3, digits conv2-conv4 (`--layers all` rewrites every layer, as `optimize --method M` does).
+model (side by side, interleaved, one thread, batch 1 and 32). The layers compressed are those
+the papers compress: every conv but the first (one input channel) and the classifier, i.e.
+charnet conv2 and conv3, digits conv2-conv4 (`--layers all` rewrites every layer, as
+`optimize --method M` does).
 
 Calibration never touches the test sets: charnet crops are rendered fresh from the TRAINING
 font families (samples/charnet/render.py, seed 2024); digits use the 4,000 training digits of
