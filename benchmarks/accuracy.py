@@ -207,6 +207,18 @@ def context(name: str, args) -> dict:
     }
 
 
+def architecture_speedup(rows: list[dict], row: dict) -> float:
+    """Median batch-1 speedup over every fit of the row's (model, method, cut): the fits give
+    the same graph with other weights, so their timings are repeated measurements of one
+    latency (a single side-by-side measurement here moves by +-20%)."""
+    same = [
+        r["speedup_b1"]
+        for r in rows
+        if (r["model"], r["method"], r["cut"]) == (row["model"], row["method"], row["cut"])
+    ]
+    return float(np.median(same))
+
+
 def best_at_drop(rows: list[dict], fit: str, method: str | None, limit: float = 1.0) -> dict:
     """The row with the largest measured batch-1 speedup whose drop is <= limit points."""
     ok = [
@@ -214,7 +226,7 @@ def best_at_drop(rows: list[dict], fit: str, method: str | None, limit: float = 
         for r in rows
         if r["fit"] == fit and (method is None or r["method"] == method) and r["drop"] <= limit
     ]
-    return max(ok, key=lambda r: r["speedup_b1"], default=None)
+    return max(ok, key=lambda r: architecture_speedup(rows, r), default=None)
 
 
 def check(rows: list[dict], model: str = "charnet") -> dict:
@@ -223,8 +235,9 @@ def check(rows: list[dict], model: str = "charnet") -> dict:
     out = {}
     for method in [*sorted({r["method"] for r in rows}), None]:
         w, d = best_at_drop(rows, "weights", method), best_at_drop(rows, "data", method)
-        sw = w["speedup_b1"] if w else 1.0  # nothing within 1 point: the original model, 1x
-        sd = d["speedup_b1"] if d else 1.0
+        # nothing within 1 point: the original model, 1x
+        sw = architecture_speedup(rows, w) if w else 1.0
+        sd = architecture_speedup(rows, d) if d else 1.0
         out[method or "best"] = {
             "weights": sw,
             "data": sd,
