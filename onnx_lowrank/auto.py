@@ -346,7 +346,7 @@ def run_planner(pinned: onnx.ModelProto, config: OptimizeConfig, data, build):
     layers = layer_options(pinned, config, table, data=data)
     data_errors = data is not None and data.calibration.fit == "data"
     baseline = timed([pinned], config)["median_ms"][0]
-    scale = _consistency_scale(layers, baseline)
+    scaled = _scale_to_model(layers, pinned, baseline, config)
     quality = _Quality(pinned, config)
 
     def evaluate(model):
@@ -356,8 +356,9 @@ def run_planner(pinned: onnx.ModelProto, config: OptimizeConfig, data, build):
         return build(pinned, config, data, plan.choices())
 
     plan, built = plan_for_target(layers, baseline, config, build_plan, evaluate)
-    if scale < 1:
-        plan.notes.append(f"layer timings scaled by {scale:.2f} to the model's measured latency")
+    plan.notes.append(
+        f"{scaled} of {len(layers)} layers' timings scaled to their profiled share of the model"
+    )
     if data_errors:
         plan.notes.append("conv errors: relative output error on calibration input patches")
     profile_layers(plan, pinned, built[0], config)
@@ -377,15 +378,32 @@ def profile_layers(plan: Plan, original, optimized, config: OptimizeConfig) -> N
     plan.profiled_other_ms = [measured[0][1], measured[1][1]]
 
 
-def _consistency_scale(layers: list[LayerPlan], baseline_ms: float) -> float:
-    """Layers timed alone can add up to more than the whole model (cache effects, a busy
-    machine); scale them so they fit inside it, or the prediction would be meaningless."""
-    total = sum(layer.options[0].ms for layer in layers)
-    scale = min(1.0, 0.98 * baseline_ms / total) if total > 0 else 1.0
-    for layer in layers:
+def _scale_to_model(layers: list[LayerPlan], pinned, baseline_ms: float, config) -> int:
+    """Put each layer's option timings on the scale of the whole model as it runs now.
+
+    The table's timings come from one-layer models, possibly measured on another day's load
+    and without the neighbours' cache effects. Each layer's original time is instead taken
+    from onnxruntime's profile of the whole model (its kernels' share of the measured
+    baseline), and all its options are scaled by the same factor, so the table only supplies
+    the ratios between a layer's options. Layers the profile does not find keep the table's
+    timings, scaled down only if the table would not fit inside the baseline. Returns the
+    number of layers scaled from the profile."""
+    times = node_times(pinned, config.provider, config.batch, config.threads, seed=config.seed)
+    inside, other = layer_times(times, [layer.node for layer in layers])
+    profiled = sum(inside.values()) + other
+    found = [layer for layer in layers if inside[layer.node] > 0 and layer.options[0].ms > 0]
+    for layer in found:
+        factor = inside[layer.node] * baseline_ms / profiled / layer.options[0].ms
+        for option in layer.options:
+            option.ms *= factor
+    rest = [layer for layer in layers if layer not in found]
+    budget = baseline_ms - sum(layer.options[0].ms for layer in found)
+    total = sum(layer.options[0].ms for layer in rest)
+    scale = min(1.0, 0.98 * budget / total) if total > 0 and budget > 0 else 1.0
+    for layer in rest:
         for option in layer.options:
             option.ms *= scale
-    return scale
+    return len(found)
 
 
 class _Quality:
