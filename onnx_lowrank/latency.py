@@ -2,7 +2,8 @@
 
 FLOPs are not speed: depthwise and grouped convs, odd channel counts and small maps run far
 below their FLOP share in onnxruntime, and CPU and CUDA differ. So each candidate chain is timed
-as a small onnxruntime model of the layer's real shapes (random weights), and the median is kept
+as a small onnxruntime model of the layer's real shapes (random weights; the sum of its kernels'
+times in onnxruntime's profile, not the call's wall time), and the median is kept
 in a JSON table under ~/.cache/onnx-lowrank/, keyed by the op shapes, the input shape, the batch
 and threads; the file is per machine, provider and onnxruntime version, so a change of any of
 them starts a new table.
@@ -14,8 +15,6 @@ import hashlib
 import json
 import os
 import platform
-import statistics
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +23,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from .cost import ConvShape
-from .runtime import session
+from .profile import node_times
 
 CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "onnx-lowrank")
 
@@ -79,26 +78,14 @@ def chain_model(ops: list, in_shape: tuple[int, ...], seed: int = 0) -> onnx.Mod
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
 
 
-def time_model(
-    model: onnx.ModelProto,
-    in_shape,
-    provider: str,
-    threads: int | None,
-    runs: int = 15,
-    warmup: int = 3,
+def kernel_time(
+    model: onnx.ModelProto, provider: str, threads: int | None, runs: int = 15
 ) -> float:
-    """Median latency (ms) of one model on random inputs."""
-    sess = session(model, provider, optimize=True, threads=threads)
-    rng = np.random.default_rng(1)
-    feeds = [{"x": rng.standard_normal(in_shape).astype(np.float32)} for _ in range(3)]
-    for i in range(warmup):
-        sess.run(None, feeds[i % 3])
-    times = []
-    for i in range(runs):
-        start = time.perf_counter()
-        sess.run(None, feeds[i % 3])
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    """Milliseconds per run of the model's own kernels (onnxruntime's profiler): without the
+    per-call overhead and the layout reorders at the model's edges, which a layer inside a
+    whole model does not pay, and which would make small chains look slow next to the layer."""
+    times = node_times(model, provider, threads=threads, runs=runs)
+    return sum(ms for node, ms in times.items() if node != "other")
 
 
 class LatencyTable:
@@ -112,7 +99,7 @@ class LatencyTable:
         runs: int = 15,
     ):
         self.provider, self.threads, self.runs = provider, threads, runs
-        ident = f"{machine_id()}|{provider}"
+        ident = f"{machine_id()}|{provider}|kernel time"
         self.path = None
         if cache_dir:
             digest = hashlib.sha1(ident.encode()).hexdigest()[:12]
@@ -147,7 +134,7 @@ class LatencyTable:
             return self.entries[key]
         self.misses += 1
         model = chain_model(ops, in_shape)
-        self.entries[key] = time_model(model, in_shape, self.provider, self.threads, self.runs)
+        self.entries[key] = kernel_time(model, self.provider, self.threads, self.runs)
         return self.entries[key]
 
     def save(self) -> None:
