@@ -28,13 +28,14 @@ SUFFIXES = ("_nchwc",)
 def node_times(
     model: onnx.ModelProto,
     provider: str = "cpu",
-    batch: int = 1,
+    batch: int | None = None,
     threads: int | None = None,
     runs: int = 30,
     seed: int = 0,
 ) -> dict[str, float]:
     """Median milliseconds per run of every node of `model` that onnxruntime ran a kernel for
-    (fused kernels count for the node they are traced back to); key "other" for the rest."""
+    (fused kernels count for the node they are traced back to); key "other" for the rest.
+    `batch` sets the inputs' first dim (None: a free one is 1, a fixed one stays)."""
     with tempfile.TemporaryDirectory() as tmp:
         sess = session(model, provider, threads=threads, profile_prefix=os.path.join(tmp, "p"))
         feed = random_inputs(model, 1, seed, batch)[0]
