@@ -14,7 +14,7 @@ import onnx_graphsurgeon as gs
 
 from .assemble import assemble, tag_origins
 from .calibrate import load_samples
-from .config import NO_ENERGY, OptimizeConfig, RankSpec
+from .config import NO_ENERGY, OptimizeConfig
 from .cost import model_macs
 from .datafit import DataContext, fit_layer
 from .decompose.rank import rank_for_energy
@@ -28,7 +28,7 @@ from .graph import (
     weight_bytes,
 )
 from .passes import CONV_PASSES
-from .passes.base import read_conv
+from .passes.base import RankedPass, read_conv
 from .passes.gemm import FcSVDPass, read_fc
 from .report import LayerRecord, Report
 from .runtime import random_inputs
@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 LEFT_ALONE = {"ConvTranspose", "QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulInteger"}
 FC_OPS = ("Gemm", "MatMul")
+PLANNED_PASSES = {**CONV_PASSES, "fc-svd": FcSVDPass}  # what a plan's (method, rank) names
 
 
 def optimize(
@@ -102,7 +103,8 @@ def rewrite_graph(
 ) -> list[LayerRecord]:
     """Apply the configured passes to every candidate node of `graph`, in place; with `data`,
     conv layers are fitted on calibration data (datafit.py); with `choices` (a plan), each
-    named node gets its own method and rank and the others are kept."""
+    named node gets its own method and rank (a clustered method's rank also holds its groups or
+    colours: the pass's `plan_settings`) and the others are kept."""
     fc_on = config.fc or config.method == "fc-svd"
     candidates = [n for n in graph.nodes if n.op == "Conv" or n.op in LEFT_ALONE or n.op in FC_OPS]
     records = []
@@ -114,8 +116,8 @@ def rewrite_graph(
                     records.append(_skip(node, None, "kept by the plan"))
                 continue
             method, rank = choices[node.name]
-            spec = RankSpec("rank", rank[0], rank[1] if len(rank) > 1 else None)
-            layer_config = replace(config, method=method, rank=spec, force=True, fc=True)
+            settings = PLANNED_PASSES.get(method, RankedPass).plan_settings(tuple(rank))
+            layer_config = replace(config, method=method, force=True, fc=True, **settings)
         if node.op in LEFT_ALONE:
             records.append(_skip(node, None, f"{node.op} is left as is"))
         elif node.op == "Conv":

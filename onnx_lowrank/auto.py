@@ -19,8 +19,9 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .bench import bench
-from .config import OptimizeConfig
+from .config import CLUSTERED, OptimizeConfig
 from .datafit import DataContext, input_patches, patch_moments, patch_output_error
+from .decompose.monochromatic import nearest_divisor
 from .decompose.svd import relative_error
 from .errors import LowRankError
 from .graph import infer_shapes
@@ -28,13 +29,17 @@ from .latency import CACHE_DIR, LatencyTable, MatMulShape
 from .passes import CONV_PASSES
 from .passes.base import ConvLayer, read_conv
 from .passes.gemm import FcSVDPass, read_fc
+from .passes.monochromatic import MAX_COLOR_CHANNELS
 from .plan import MAC_CUTS, LayerPlan, Option, Plan, allocate, apply_step, fastest_within_error
 from .profile import layer_times, node_times
 
 log = logging.getLogger(__name__)
-AUTO_METHODS = ("separable", "channel-svd", "tucker2", "cp", "separable-basis")
-FITTED = ("cp", "separable-basis")  # iterative fits: fewer candidate ranks, size-capped
+AUTO_METHODS = ("separable", "channel-svd", "tucker2", "cp", "separable-basis", *CLUSTERED)
+FITTED = ("cp", "separable-basis", *CLUSTERED)  # iterative fits: fewer candidate ranks
 FITTED_CUTS = (2.0, 4.0, 8.0)
+PLANNED_GROUPS = ((2, 2), (4, 4))  # bicluster-*: the (G, H) input/output clusterings tried
+PLANNED_COLORS = (4, 8, 16, 32)  # monochromatic: C' (the nearest divisors of N) tried
+OUTER_MAX_WORK = 12_000_000  # bicluster-outer: weight entries x K (~3 s of ALS a fit at most)
 EXACT_TAIL = ("separable", "channel-svd")  # error = tail of the spectrum (Eckart-Young)
 CP_MAX_WEIGHTS = 256 * 256 * 9  # CP candidates only for layers up to this size (fit time)
 BASIS_MAX_CHANNELS = 8  # scheme 1 is a basis per input channel: for first layers only
@@ -93,8 +98,7 @@ def _conv_options(
         exact = method in EXACT_TAIL
         spectra = conv_pass.spectra(layer)[0] if exact and patches is None else None
         seen = set()
-        for cut in FITTED_CUTS if method in FITTED else MAC_CUTS:
-            rank = conv_pass.rank_for_speedup(layer, cut, config.rank_multiple)
+        for rank in _candidate_ranks(conv_pass, layer, config.rank_multiple):
             macs = conv_pass.chain_macs(layer, rank)
             if rank in seen or macs >= layer.macs:
                 continue
@@ -114,11 +118,38 @@ def _conv_options(
     return LayerPlan(layer.node.name, "Conv", options)
 
 
+def _candidate_ranks(conv_pass, layer: ConvLayer, multiple: int):
+    """The ranks a method is planned at: those cutting the MACs 1.4x to 16x (2x, 4x, 8x for
+    iterative fits); for the clustered methods, rank tuples that also name the clustering
+    (bicluster-*: (G, H, ranks) for each of PLANNED_GROUPS; monochromatic: (C',))."""
+    method = conv_pass.method
+    if method == "monochromatic":
+        n = layer.out_channels
+        yield from ((nearest_divisor(n, c),) for c in PLANNED_COLORS if c < n)
+    elif method in CLUSTERED:
+        c, n = layer.in_channels, layer.out_channels
+        for groups in [(g, h) for g, h in PLANNED_GROUPS if c % g == 0 and n % h == 0]:
+            for cut in FITTED_CUTS:
+                rank = conv_pass.speedup_rank(layer, groups, cut, multiple)
+                if rank is not None and not _outer_too_costly(method, layer, rank):
+                    yield rank
+    else:
+        for cut in FITTED_CUTS if method in FITTED else MAC_CUTS:
+            yield conv_pass.rank_for_speedup(layer, cut, multiple)
+
+
 def _too_costly(method: str, layer: ConvLayer) -> bool:
     """Candidates whose fit would dominate planning time for little chance of winning."""
     if method == "separable-basis":
         return layer.in_channels > BASIS_MAX_CHANNELS
-    return method in FITTED and layer.weight.size > CP_MAX_WEIGHTS
+    if method == "monochromatic":  # as the pass itself: first layers only
+        return layer.in_channels > MAX_COLOR_CHANNELS
+    return method == "cp" and layer.weight.size > CP_MAX_WEIGHTS
+
+
+def _outer_too_costly(method: str, layer: ConvLayer, rank: tuple[int, ...]) -> bool:
+    """bicluster-outer's ALS fit grows with the weight and the outer rank K."""
+    return method == "bicluster-outer" and layer.weight.size * rank[-1] > OUTER_MAX_WORK
 
 
 def _fc_options(layer, config: OptimizeConfig, table) -> LayerPlan:

@@ -133,6 +133,13 @@ class RankedPass:
     def chain_macs(self, layer, rank: tuple[int, ...]) -> int:
         raise NotImplementedError
 
+    @classmethod
+    def plan_settings(cls, rank: tuple[int, ...]) -> dict:
+        """The config fields under which this pass builds exactly the chain a plan names by
+        `rank` (its rank slots here; the clustered passes add their groups or colours)."""
+        second = rank[1] if len(rank) > 1 else None
+        return {"rank": RankSpec("rank", rank[0], second), "colors": None, "groups": None}
+
     def choose_rank(self, layer, spec: RankSpec, multiple: int) -> tuple[int, ...]:
         """The rank (one per slot) meeting the user's target, rounded as the config says."""
         full = self.full_rank(layer)

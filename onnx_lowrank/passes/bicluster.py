@@ -25,7 +25,7 @@ import logging
 
 import numpy as np
 
-from ..config import OptimizeConfig
+from ..config import OptimizeConfig, RankSpec
 from ..cost import ConvShape
 from ..decompose.bicluster import BiclusterOuter, BiclusterSVD, bicluster_outer, bicluster_svd
 from ..decompose.stages import Stage
@@ -68,6 +68,12 @@ class BiclusterSVDPass(ClusteredPass):
 
     def record_rank(self, rank: tuple[int, ...]) -> list[int]:
         return list(rank[2:])
+
+    @classmethod
+    def plan_settings(cls, rank: tuple[int, ...]) -> dict:
+        """rank = (G, H, K1, K2) or, for -outer, (G, H, K): the groups and the block ranks."""
+        second = rank[3] if len(rank) > 3 else None
+        return {"rank": RankSpec("rank", rank[2], second), "colors": None, "groups": rank[:2]}
 
     def layout(self, layer: ConvLayer, rank: tuple[int, ...]) -> list[ConvShape]:
         g, h, k1, k2 = rank
@@ -113,16 +119,13 @@ class BiclusterSVDPass(ClusteredPass):
         def rank(step: int) -> tuple[int, ...]:
             return (*groups, *self.ranks(full, step, steps))
 
-        lo, hi = 1, steps
         if spec.kind == "speedup":
-            budget = layer.macs / spec.value
-            if self.chain_macs(layer, rank(1)) > budget:
+            chosen = self.speedup_rank(layer, groups, spec.value, multiple)
+            if chosen is None:
                 return None
-            while lo < hi:
-                mid = (lo + hi + 1) // 2
-                lo, hi = (mid, hi) if self.chain_macs(layer, rank(mid)) <= budget else (lo, mid - 1)
-            ranks = tuple(r - r % multiple if r >= multiple else r for r in rank(lo)[2:])
+            ranks = chosen[2:]
         else:
+            lo, hi = 1, steps
             while not config.force and hi > 1 and self.chain_macs(layer, rank(hi)) >= layer.macs:
                 hi -= max(1, hi // 8)  # past the layer's own MACs nothing pays: no fits there
             while lo < hi:
@@ -134,6 +137,25 @@ class BiclusterSVDPass(ClusteredPass):
         fit = self.cached_fit(layer, chosen)
         log.debug("%s: %s error %.4f", layer.node.name, chosen, fit.relative_error)
         return chosen, fit, self.chain_macs(layer, chosen)
+
+    def speedup_rank(
+        self, layer: ConvLayer, groups: tuple[int, int], speedup: float, multiple: int
+    ) -> tuple[int, ...] | None:
+        """(G, H, ranks): the largest ranks (a common scale, rounded down to `multiple`) whose
+        chain costs at most 1/speedup of the layer's MACs; None when even rank 1 costs more."""
+        full = self.full(layer, groups)
+        steps, budget = max(full), layer.macs / speedup
+
+        def rank(step: int) -> tuple[int, ...]:
+            return (*groups, *self.ranks(full, step, steps))
+
+        if self.chain_macs(layer, rank(1)) > budget:
+            return None
+        lo, hi = 1, steps
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if self.chain_macs(layer, rank(mid)) <= budget else (lo, mid - 1)
+        return (*groups, *(r - r % multiple if r >= multiple else r for r in rank(lo)[2:]))
 
     def cached_fit(self, layer: ConvLayer, rank: tuple[int, ...]):
         """`fit`, remembered per rank for the searches."""

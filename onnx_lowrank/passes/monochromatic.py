@@ -54,6 +54,10 @@ class ClusteredPass(ConvPass):
         """The decompose/ result (with stages(), reconstruct(), relative_error) at `rank`."""
         raise NotImplementedError
 
+    def decompose(self, layer: ConvLayer, rank: tuple[int, ...]):
+        """`fit`: what the planner's error estimates call for every method."""
+        return self.fit(layer, rank)
+
     def record_rank(self, rank: tuple[int, ...]) -> int | list[int]:
         return rank[0]
 
@@ -172,6 +176,11 @@ class MonochromaticPass(ClusteredPass):
 
     def fit(self, layer: ConvLayer, rank: tuple[int, ...]) -> Monochromatic:
         return monochromatic(layer.weight, rank[0], seed=self.seed)
+
+    @classmethod
+    def plan_settings(cls, rank: tuple[int, ...]) -> dict:
+        """rank = (C',): the colours, a divisor of N in a plan, so `choose` keeps it."""
+        return {"rank": None, "colors": rank[0], "groups": None}
 
     def choose(self, layer: ConvLayer, config: OptimizeConfig) -> Choice:
         n, c = layer.out_channels, layer.in_channels
