@@ -23,9 +23,10 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from .cost import ConvShape
-from .profile import node_times
+from .profile import kernel_times
 
 CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "onnx-lowrank")
+EDGE_KERNELS = ("ReorderInput", "ReorderOutput")  # layout changes at a one-layer model's edges
 
 
 @dataclass(frozen=True)
@@ -62,10 +63,10 @@ def chain_model(ops: list, in_shape: tuple[int, ...], seed: int = 0) -> onnx.Mod
                 "pads": list(g.pads),
                 "group": g.group,
             }
-            nodes.append(helper.make_node("Conv", [current, name], [out], **attrs))
+            nodes.append(helper.make_node("Conv", [current, name], [out], name=out, **attrs))
         else:
             w = rng.standard_normal((op.inner, op.outer)).astype(np.float32) * 0.1
-            nodes.append(helper.make_node("MatMul", [current, name], [out]))
+            nodes.append(helper.make_node("MatMul", [current, name], [out], name=out))
         inits.append(numpy_helper.from_array(w, name))
         current = out
     graph = helper.make_graph(
@@ -84,8 +85,8 @@ def kernel_time(
     """Milliseconds per run of the model's own kernels (onnxruntime's profiler): without the
     per-call overhead and the layout reorders at the model's edges, which a layer inside a
     whole model does not pay, and which would make small chains look slow next to the layer."""
-    times = node_times(model, provider, threads=threads, runs=runs)
-    return sum(ms for node, ms in times.items() if node != "other")
+    times = kernel_times(model, provider, threads=threads, runs=runs)
+    return sum(ms for kernel, ms in times.items() if not kernel.startswith(EDGE_KERNELS))
 
 
 class LatencyTable:
@@ -99,7 +100,7 @@ class LatencyTable:
         runs: int = 15,
     ):
         self.provider, self.threads, self.runs = provider, threads, runs
-        ident = f"{machine_id()}|{provider}|kernel time"
+        ident = f"{machine_id()}|{provider}|kernel time, all kernels"
         self.path = None
         if cache_dir:
             digest = hashlib.sha1(ident.encode()).hexdigest()[:12]

@@ -25,7 +25,7 @@ COMPUTE_OPS = {"Conv", "Gemm", "MatMul", "ConvTranspose"}
 SUFFIXES = ("_nchwc",)
 
 
-def node_times(
+def kernel_times(
     model: onnx.ModelProto,
     provider: str = "cpu",
     batch: int | None = None,
@@ -33,8 +33,7 @@ def node_times(
     runs: int = 30,
     seed: int = 0,
 ) -> dict[str, float]:
-    """Median milliseconds per run of every node of `model` that onnxruntime ran a kernel for
-    (fused kernels count for the node they are traced back to); key "other" for the rest.
+    """Median milliseconds per run of every kernel onnxruntime ran, by its profiled name.
     `batch` sets the inputs' first dim (None: a free one is 1, a fixed one stays)."""
     with tempfile.TemporaryDirectory() as tmp:
         sess = session(model, provider, threads=threads, profile_prefix=os.path.join(tmp, "p"))
@@ -50,12 +49,27 @@ def node_times(
         name = event.get("name", "")
         if event.get("cat") == "Node" and name.endswith("_kernel_time"):
             durations[name[: -len("_kernel_time")]].append(event["dur"] / 1000.0)
+    # a kernel runs once per run (kernels sharing a name, several times): drop the warm-up
+    return {
+        kernel: float(np.median(values[-runs:])) * max(1, len(values) // (runs + 3))
+        for kernel, values in durations.items()
+    }
+
+
+def node_times(
+    model: onnx.ModelProto,
+    provider: str = "cpu",
+    batch: int | None = None,
+    threads: int | None = None,
+    runs: int = 30,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Median milliseconds per run of every node of `model` that onnxruntime ran a kernel for
+    (fused kernels count for the node they are traced back to); key "other" for the rest."""
     resolve = _resolver(model)
     times: dict[str, float] = defaultdict(float)
-    for kernel, values in durations.items():
-        # a kernel runs once per run: the last `runs` calls are the timed ones
-        per_run = float(np.median(values[-runs:])) * max(1, len(values) // (runs + 3))
-        times[resolve(kernel)] += per_run
+    for kernel, ms in kernel_times(model, provider, batch, threads, runs, seed).items():
+        times[resolve(kernel)] += ms
     return dict(times)
 
 
