@@ -21,6 +21,7 @@ from .decompose.rank import rank_for_energy
 from .errors import LowRankError
 from .graph import (
     check_model,
+    import_graph,
     infer_shapes,
     load_model,
     pin_input_shapes,
@@ -89,7 +90,7 @@ def build(
     choices: dict | None = None,
 ) -> tuple[onnx.ModelProto, list[LayerRecord]]:
     """Import, rewrite (per the config, or per a plan's `choices`) and reassemble."""
-    graph = gs.import_onnx(infer_shapes(pinned))
+    graph = import_graph(pinned)
     tag_origins(graph)
     records = rewrite_graph(graph, config, data, choices)
     return assemble(pinned, graph), records
@@ -167,7 +168,7 @@ def inspect(
     method needs for 90/95/99% energy (with `spectra`, the singular values themselves)."""
     original, _ = _as_model(model)
     pinned = _pinned_copy(original, OptimizeConfig(input_shapes=input_shapes or {}, check=0))
-    graph = gs.import_onnx(infer_shapes(pinned))
+    graph = import_graph(pinned)
     rows = []
     for node in graph.nodes:
         if node.op == "Conv":

@@ -16,7 +16,6 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 
 from .bench import bench
 from .config import CLUSTERED, OptimizeConfig
@@ -24,7 +23,7 @@ from .datafit import DataContext, input_patches, patch_moments, patch_output_err
 from .decompose.monochromatic import nearest_divisor
 from .decompose.svd import relative_error
 from .errors import LowRankError
-from .graph import infer_shapes
+from .graph import import_graph
 from .latency import CACHE_DIR, LatencyTable, MatMulShape
 from .passes import CONV_PASSES
 from .passes.base import ConvLayer, read_conv
@@ -57,7 +56,7 @@ def layer_options(
     `data` (fit "data"), an option's error is the relative output error of the layer on input
     patches sampled from the calibration data, with the whitened fits the build will use;
     otherwise the relative weight error."""
-    graph = gs.import_onnx(infer_shapes(pinned))
+    graph = import_graph(pinned)
     nodes = [n for n in graph.nodes if n.op in ("Conv", "Gemm", "MatMul")]
     convs = {n.name: read_conv(n) for n in nodes if n.op == "Conv"}
     convs = {k: v for k, v in convs.items() if not isinstance(v, str)}

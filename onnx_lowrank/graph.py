@@ -182,6 +182,18 @@ def real_inputs(model: onnx.ModelProto) -> list[str]:
     return [i.name for i in model.graph.input if i.name not in inits]
 
 
+def import_graph(model: onnx.ModelProto) -> gs.Graph:
+    """The graphsurgeon graph of `model` with shapes inferred. An unnamed node takes its first
+    output's name (unique in a valid graph), so plans, reports and the names of the chains put
+    in its place always tell layers apart; untouched nodes keep their original (empty) name in
+    the output model."""
+    graph = gs.import_onnx(infer_shapes(model))
+    for node in graph.nodes:
+        if not node.name and node.outputs:
+            node.name = node.outputs[0].name
+    return graph
+
+
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """onnx shape inference, tolerant: a model it cannot handle keeps the shapes it has."""
     try:

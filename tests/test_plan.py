@@ -131,3 +131,46 @@ def test_planner_errors_follow_the_calibration_data(tmp_path, monkeypatch):
     whitened = [i for i, o in enumerate(by_data) if o.method in ("separable", "channel-svd")]
     assert len(whitened) >= 4
     assert max(by_data[i].error for i in whitened) < 1e-3 < min(o.error for o in by_weights)
+
+
+def test_unnamed_layers_are_planned_apart(tmp_path, monkeypatch):
+    """Exporters leave nodes unnamed: each layer still gets its own plan entry and chain."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    import onnx_lowrank as ol
+
+    monkeypatch.setattr("onnx_lowrank.auto.CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr("onnx_lowrank.auto.AUTO_METHODS", ("separable",))
+    rng = np.random.default_rng(6)
+    nodes = [
+        helper.make_node("Conv", ["x", "W1"], ["y"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["y"], ["z"]),
+        helper.make_node("Conv", ["z", "W2"], ["o"], pads=[1, 1, 1, 1]),
+    ]
+    weights = [rng.standard_normal((16, c, 3, 3)).astype(np.float32) for c in (8, 16)]
+    graph = helper.make_graph(
+        nodes,
+        "unnamed",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 16, 16])],
+        [helper.make_tensor_value_info("o", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, f"W{i + 1}") for i, w in enumerate(weights)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 7
+    plan = tmp_path / "plan.json"
+    Plan(
+        [
+            LayerPlan(
+                "y", "Conv", [Option(None, None, 0, 0, 0), Option("separable", [6], 0, 0, 0)], 1
+            ),
+            LayerPlan(
+                "o", "Conv", [Option(None, None, 0, 0, 0), Option("separable", [9], 0, 0, 0)], 1
+            ),
+        ],
+        1.0,
+    ).save(plan)
+    out, report = ol.optimize(model, plan_path=str(plan), check=0)
+    assert {(r.node, r.rank) for r in report.records} == {("y", 6), ("o", 9)}
+    chains = [n.name for n in out.graph.node if n.op_type == "Conv"]
+    assert len(set(chains)) == 4 and all(n.startswith(("y/", "o/")) for n in chains)
+    assert [n.name for n in out.graph.node if n.op_type == "Relu"] == [""]  # untouched
