@@ -344,12 +344,16 @@ def _evaluate(plan: Plan, step, built, evaluate) -> dict:
     return result
 
 
-def timed(models: list[onnx.ModelProto], config: OptimizeConfig) -> dict:
+TIMING_BUDGET_MS = 1000.0  # per model and measurement: fast models get more runs (less noise)
+MIN_RUNS, MAX_RUNS = 20, 200
+
+
+def timed(models: list[onnx.ModelProto], config: OptimizeConfig, runs: int = MIN_RUNS) -> dict:
     """Interleaved latency of the models at the config's provider, batch and threads."""
     return bench(
         models,
         config.provider,
-        runs=20,
+        runs=runs,
         warmup=3,
         threads=config.threads,
         batch=config.batch,
@@ -357,9 +361,20 @@ def timed(models: list[onnx.ModelProto], config: OptimizeConfig) -> dict:
     )
 
 
-def measure_speedup(original: onnx.ModelProto, optimized: onnx.ModelProto, config) -> float:
+def runs_for(latency_ms: float) -> int:
+    """Timed runs per model so a measurement takes about TIMING_BUDGET_MS: a sub-millisecond
+    model is timed 200 times (its medians move by 20% over 20 runs on a busy machine), a slow
+    one 20 times."""
+    if latency_ms <= 0:
+        return MAX_RUNS
+    return int(min(MAX_RUNS, max(MIN_RUNS, TIMING_BUDGET_MS / latency_ms)))
+
+
+def measure_speedup(
+    original: onnx.ModelProto, optimized: onnx.ModelProto, config, runs: int = MIN_RUNS
+) -> float:
     """Interleaved end-to-end speedup of `optimized` over `original`."""
-    return timed([original, optimized], config)["speedup"]
+    return timed([original, optimized], config, runs)["speedup"]
 
 
 def run_planner(pinned: onnx.ModelProto, config: OptimizeConfig, data, build):
@@ -375,12 +390,13 @@ def run_planner(pinned: onnx.ModelProto, config: OptimizeConfig, data, build):
     table = LatencyTable(config.provider, config.threads)
     layers = layer_options(pinned, config, table, data=data)
     data_errors = data is not None and data.calibration.fit == "data"
-    baseline = timed([pinned], config)["median_ms"][0]
+    runs = runs_for(timed([pinned], config)["median_ms"][0])
+    baseline = timed([pinned], config, runs)["median_ms"][0]
     scaled = _scale_to_model(layers, pinned, baseline, config)
     quality = _Quality(pinned, config)
 
     def evaluate(model):
-        return {"speedup": measure_speedup(pinned, model, config), **quality(model)}
+        return {"speedup": measure_speedup(pinned, model, config, runs), **quality(model)}
 
     def build_plan(plan):
         return build(pinned, config, data, plan.choices())

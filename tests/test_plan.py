@@ -174,3 +174,10 @@ def test_unnamed_layers_are_planned_apart(tmp_path, monkeypatch):
     chains = [n.name for n in out.graph.node if n.op_type == "Conv"]
     assert len(set(chains)) == 4 and all(n.startswith(("y/", "o/")) for n in chains)
     assert [n.name for n in out.graph.node if n.op_type == "Relu"] == [""]  # untouched
+
+
+def test_fast_models_are_timed_more_often():
+    from onnx_lowrank.auto import MAX_RUNS, MIN_RUNS, runs_for
+
+    assert runs_for(0.2) == MAX_RUNS and runs_for(500.0) == MIN_RUNS
+    assert MIN_RUNS < runs_for(10.0) < MAX_RUNS
