@@ -73,9 +73,10 @@ def attr(node: onnx.NodeProto, name: str):
 
 
 @st.composite
-def geometry(draw, min_kernel: int = 1):
-    """Kernel, Conv attributes and an input size: strides, dilations, pads or auto_pad."""
-    kernel = [draw(st.integers(min_kernel, 5)), draw(st.integers(1, 5))]
+def geometry(draw, min_kernel: int = 1, min_width: int = 1):
+    """Kernel (height >= min_kernel, width >= min_width), Conv attributes and an input size:
+    strides, dilations, pads or auto_pad."""
+    kernel = [draw(st.integers(min_kernel, 5)), draw(st.integers(min_width, 5))]
     strides = [draw(st.integers(1, 3)) for _ in range(2)]
     auto_pad = draw(st.sampled_from(["NOTSET", "NOTSET", "NOTSET", "SAME_UPPER", "VALID"]))
     max_dilation = 1 if auto_pad.startswith("SAME") else 2

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from modelgen import assert_same_outputs, attr, conv_model, ops
+from modelgen import assert_same_outputs, attr, conv_model, geometry, ops
 
 import onnx_lowrank as ol
 
@@ -22,14 +22,8 @@ def cp_kernel(rng, n, c, kh, kw, r):
 def cp_cases(draw):
     rng = np.random.default_rng(draw(st.integers(0, 2**16)))
     n, c, r = draw(st.integers(2, 8)), draw(st.integers(2, 8)), draw(st.integers(1, 3))
-    kh, kw = draw(st.integers(2, 4)), draw(st.integers(2, 4))
-    strides = [draw(st.integers(1, 2)) for _ in range(2)]
-    dilations = [draw(st.integers(1, 2)) for _ in range(2)]
-    spans = [(kh - 1) * dilations[0] + 1, (kw - 1) * dilations[1] + 1]
-    pads = [draw(st.integers(0, s - 1)) for s in spans * 2]
-    size = [s + draw(st.integers(0, 5)) for s in spans]
+    (kh, kw), attrs, size = draw(geometry(min_kernel=2, min_width=2))
     bias = rng.standard_normal(n).astype(np.float32) if draw(st.booleans()) else None
-    attrs = {"strides": strides, "dilations": dilations, "pads": pads}
     model = conv_model(cp_kernel(rng, n, c, kh, kw, r), ["N", c, *size], attrs, bias)
     x = rng.standard_normal((draw(st.integers(1, 2)), c, *size)).astype(np.float32)
     return model, x, r

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from modelgen import assert_same_outputs, attr, conv_model, ops
+from modelgen import assert_same_outputs, attr, conv_model, geometry, ops
 
 import onnx_lowrank as ol
 
@@ -22,19 +22,9 @@ def basis_kernel(rng, n, c, kh, kw, m):
 def cases(draw):
     rng = np.random.default_rng(draw(st.integers(0, 2**16)))
     n, c, m = draw(st.integers(2, 6)), draw(st.integers(1, 4)), draw(st.integers(1, 2))
-    kh, kw = draw(st.integers(2, 4)), draw(st.integers(2, 4))
-    strides = [draw(st.integers(1, 2)) for _ in range(2)]
-    dilations = [draw(st.integers(1, 2)) for _ in range(2)]
-    spans = [(kh - 1) * dilations[0] + 1, (kw - 1) * dilations[1] + 1]
-    pads = [draw(st.integers(0, s - 1)) for s in spans * 2]
-    size = [s + draw(st.integers(0, 4)) for s in spans]
+    (kh, kw), attrs, size = draw(geometry(min_kernel=2, min_width=2))
     bias = rng.standard_normal(n).astype(np.float32) if draw(st.booleans()) else None
-    model = conv_model(
-        basis_kernel(rng, n, c, kh, kw, m),
-        ["N", c, *size],
-        {"strides": strides, "dilations": dilations, "pads": pads},
-        bias,
-    )
+    model = conv_model(basis_kernel(rng, n, c, kh, kw, m), ["N", c, *size], attrs, bias)
     return model, rng.standard_normal((2, c, *size)).astype(np.float32), m
 
 
