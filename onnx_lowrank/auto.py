@@ -30,7 +30,7 @@ from .passes.base import ConvLayer, read_conv
 from .passes.gemm import FcSVDPass, read_fc
 from .passes.monochromatic import MAX_COLOR_CHANNELS
 from .plan import MAC_CUTS, LayerPlan, Option, Plan, allocate, apply_step, fastest_within_error
-from .profile import layer_times, node_times
+from .profile import kernel_times, layer_times, node_times
 
 log = logging.getLogger(__name__)
 AUTO_METHODS = ("separable", "channel-svd", "tucker2", "cp", "separable-basis", *CLUSTERED)
@@ -385,14 +385,17 @@ def run_planner(pinned: onnx.ModelProto, config: OptimizeConfig, data, build):
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise LowRankError(f"{config.plan_path}: not a readable plan ({exc})") from None
         built = build(pinned, config, data, plan.choices())
-        profile_layers(plan, pinned, built[0], config)
+        names = [layer.node for layer in plan.layers]
+        profile_layers(plan, _profiled(pinned, names, config), _profiled(built[0], names, config))
         return plan, built
     table = LatencyTable(config.provider, config.threads)
     layers = layer_options(pinned, config, table, data=data)
     data_errors = data is not None and data.calibration.fit == "data"
     runs = runs_for(timed([pinned], config)["median_ms"][0])
     baseline = timed([pinned], config, runs)["median_ms"][0]
-    scaled = _scale_to_model(layers, pinned, baseline, config)
+    names = [layer.node for layer in layers]
+    original = _profiled(pinned, names, config)  # for the prediction and the report
+    scaled = _scale_to_model(layers, original, baseline)
     quality = _Quality(pinned, config)
 
     def evaluate(model):
@@ -407,24 +410,26 @@ def run_planner(pinned: onnx.ModelProto, config: OptimizeConfig, data, build):
     )
     if data_errors:
         plan.notes.append("conv errors: relative output error on calibration input patches")
-    profile_layers(plan, pinned, built[0], config)
+    profile_layers(plan, original, _profiled(built[0], names, config))
     return plan, built
 
 
-def profile_layers(plan: Plan, original, optimized, config: OptimizeConfig) -> None:
-    """Each layer's measured time inside the original and the optimized model (onnxruntime's
-    profiler, which adds a little per-kernel overhead), for the predicted-vs-measured table."""
-    names = [layer.node for layer in plan.layers]
-    measured = []
-    for model in (original, optimized):
-        times = node_times(model, config.provider, config.batch, config.threads, seed=config.seed)
-        measured.append(layer_times(times, names))
+def _profiled(model, names: list[str], config: OptimizeConfig) -> tuple[dict[str, float], float]:
+    """Each named layer's time inside `model` and the rest of the graph's, from onnxruntime's
+    profiler (which adds a little per-kernel overhead)."""
+    kernels = kernel_times(model, config.provider, config.batch, config.threads, seed=config.seed)
+    return layer_times(node_times(model, kernels), names)
+
+
+def profile_layers(plan: Plan, original: tuple, optimized: tuple) -> None:
+    """Record each layer's measured time inside the original and the optimized model (both
+    `_profiled`), for the predicted-vs-measured table."""
     for layer in plan.layers:
-        layer.profiled_ms = [measured[0][0][layer.node], measured[1][0][layer.node]]
-    plan.profiled_other_ms = [measured[0][1], measured[1][1]]
+        layer.profiled_ms = [original[0][layer.node], optimized[0][layer.node]]
+    plan.profiled_other_ms = [original[1], optimized[1]]
 
 
-def _scale_to_model(layers: list[LayerPlan], pinned, baseline_ms: float, config) -> int:
+def _scale_to_model(layers: list[LayerPlan], original: tuple, baseline_ms: float) -> int:
     """Put each layer's option timings on the scale of the whole model as it runs now.
 
     The table's timings come from one-layer models, possibly measured on another day's load
@@ -433,9 +438,8 @@ def _scale_to_model(layers: list[LayerPlan], pinned, baseline_ms: float, config)
     baseline), and all its options are scaled by the same factor, so the table only supplies
     the ratios between a layer's options. Layers the profile does not find keep the table's
     timings, scaled down only if the table would not fit inside the baseline. Returns the
-    number of layers scaled from the profile."""
-    times = node_times(pinned, config.provider, config.batch, config.threads, seed=config.seed)
-    inside, other = layer_times(times, [layer.node for layer in layers])
+    number of layers scaled from the profile (`original`: `_profiled` of the model)."""
+    inside, other = original
     profiled = sum(inside.values()) + other
     found = [layer for layer in layers if inside[layer.node] > 0 and layer.options[0].ms > 0]
     for layer in found:

@@ -56,19 +56,13 @@ def kernel_times(
     }
 
 
-def node_times(
-    model: onnx.ModelProto,
-    provider: str = "cpu",
-    batch: int | None = None,
-    threads: int | None = None,
-    runs: int = 30,
-    seed: int = 0,
-) -> dict[str, float]:
-    """Median milliseconds per run of every node of `model` that onnxruntime ran a kernel for
-    (fused kernels count for the node they are traced back to); key "other" for the rest."""
+def node_times(model: onnx.ModelProto, kernels: dict[str, float]) -> dict[str, float]:
+    """`kernels` (kernel_times of `model`) summed per node of `model` that onnxruntime ran a
+    kernel for (fused kernels count for the node they are traced back to); "other" for the
+    rest."""
     resolve = _resolver(model)
     times: dict[str, float] = defaultdict(float)
-    for kernel, ms in kernel_times(model, provider, batch, threads, runs, seed).items():
+    for kernel, ms in kernels.items():
         times[resolve(kernel)] += ms
     return dict(times)
 

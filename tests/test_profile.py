@@ -7,7 +7,7 @@ import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx_lowrank as ol
-from onnx_lowrank.profile import layer_times, node_times
+from onnx_lowrank.profile import kernel_times, layer_times, node_times
 
 
 def _two_layer_model():
@@ -36,7 +36,7 @@ def _two_layer_model():
 
 def test_kernels_are_traced_back_to_their_layers():
     model = _two_layer_model()
-    times = node_times(model, threads=1, runs=10)
+    times = node_times(model, kernel_times(model, threads=1, runs=10))
     assert times["conv_a"] > 0 and times["conv_b"] > 0
     assert "relu_a" not in times and "relu_b" not in times  # fused into the convs
     layers, other = layer_times(times, ["conv_a", "conv_b"])
@@ -48,7 +48,7 @@ def test_a_factored_chain_counts_for_its_layer():
     optimized, _ = ol.optimize(_two_layer_model(), method="separable", rank=8, check=0)
     chain = [n.name for n in optimized.graph.node if n.name.startswith("conv_b/")]
     assert len(chain) == 2
-    times = node_times(optimized, threads=1, runs=10)
+    times = node_times(optimized, kernel_times(optimized, threads=1, runs=10))
     layers, _ = layer_times(times, ["conv_a", "conv_b"])
     assert layers["conv_b"] == sum(times[name] for name in chain) > 0
 
