@@ -145,9 +145,7 @@ def _moments(batches, name: str, geometry: ConvGeometry, seed: int) -> list[np.n
     moments = None
     for batch in batches:
         x = _as_2d(batch[name])
-        patches = _patches(x, geo, _positions(rng, geo, x.shape[2:]))
-        parts = [q.reshape(len(q), -1).astype(np.float64) for q in np.split(patches, geo.group, 1)]
-        grams = [q.T @ q for q in parts]
+        grams = patch_moments(_patches(x, geo, _positions(rng, geo, x.shape[2:])), geo.group)
         moments = grams if moments is None else [m + g for m, g in zip(moments, grams)]
     return moments
 
@@ -227,16 +225,18 @@ class _Stats:
         for rows in np.array_split(np.arange(len(weight)), len(self.grams)):
             yield np.vstack([flat[rows].T, bias[rows][None].astype(np.float64)])
 
+    def _residual(self, weight: np.ndarray, bias: np.ndarray) -> float:
+        """Squared output error of the last conv with these weights, on the sampled data."""
+        solutions = self._solutions(weight, bias)
+        return sum(
+            residual(g, c, p, s)
+            for g, c, p, s in zip(self.grams, self.crosses, self.powers, solutions)
+        )
+
     def error(self, weight: np.ndarray, bias: np.ndarray) -> float:
         """Relative output error of the last conv with these weights, on the sampled data."""
-        total = sum(
-            residual(g, c, p, s)
-            for g, c, p, s in zip(
-                self.grams, self.crosses, self.powers, self._solutions(weight, bias)
-            )
-        )
         power = sum(self.powers)
-        return float(np.sqrt(total / power)) if power > 0 else 0.0
+        return float(np.sqrt(self._residual(weight, bias) / power)) if power > 0 else 0.0
 
     def solve(self, weight: np.ndarray, bias: np.ndarray):
         """Least-squares weights and bias of the last conv, with the ridge that predicts
@@ -249,13 +249,7 @@ class _Stats:
                 for g, c, p, g0, c0, p0 in zip(self.grams, self.crosses, self.powers, *self.fold0)
             ]
             ridge, held = cross_validated_ridge(folds)
-            current = sum(
-                residual(g, c, p, s)
-                for g, c, p, s in zip(
-                    self.grams, self.crosses, self.powers, self._solutions(weight, bias)
-                )
-            )
-            if held >= current:
+            if held >= self._residual(weight, bias):
                 return weight, bias, None
         solutions = [least_squares(g, c, ridge) for g, c in zip(self.grams, self.crosses)]
         new_weight = np.concatenate([s[:-1].T for s in solutions]).reshape(weight.shape)
