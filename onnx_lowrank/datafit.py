@@ -101,11 +101,7 @@ def _last_conv(chain: list[gs.Node]) -> tuple[gs.Node, np.ndarray | None]:
 
 def _batches(ctx: DataContext, model: onnx.ModelProto, names: list[str]):
     """Yield {name: array} per calibration batch from `model` with the named tensors exposed."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    outputs = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in outputs)
-    sess = session(probe, optimize=False)
+    sess = session(upstream(model, names), optimize=False)
     fixed = _fixed_batch(model, ctx.samples)
     if fixed and len(ctx.samples) < fixed:
         raise LowRankError(
@@ -116,6 +112,49 @@ def _batches(ctx: DataContext, model: onnx.ModelProto, names: list[str]):
         if fixed and len(next(iter(feed.values()))) != fixed:
             continue  # the incomplete last batch of a fixed-batch model
         yield dict(zip(names, sess.run(names, feed)))
+
+
+def upstream(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """`model` cut down to the nodes the named tensors depend on, with those tensors as its
+    outputs (all graph inputs kept, so any feed of the model still fits). A layer's input needs
+    only the graph above it: in sequential mode this halves the calibration passes on average.
+    Graphs with subgraph-holding nodes (If, Loop, Scan) are kept whole."""
+    graph = model.graph
+    probe = onnx.ModelProto()
+    if any(
+        a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+        for n in graph.node
+        for a in n.attribute
+    ):
+        probe.CopyFrom(model)
+        del probe.graph.output[:]
+        probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
+        return probe
+    producer = {out: i for i, node in enumerate(graph.node) for out in node.output}
+    keep, stack = set(), list(names)
+    while stack:
+        index = producer.get(stack.pop())
+        if index is not None and index not in keep:
+            keep.add(index)
+            stack.extend(graph.node[index].input)
+    nodes = [n for i, n in enumerate(graph.node) if i in keep]
+    used = {t for n in nodes for t in n.input} | set(names) | {i.name for i in graph.input}
+    for field in ("ir_version", "opset_import", "domain", "model_version", "producer_name"):
+        if field == "opset_import":
+            probe.opset_import.extend(model.opset_import)
+        else:
+            setattr(probe, field, getattr(model, field))
+    probe.functions.extend(model.functions)
+    probe.graph.name = graph.name
+    probe.graph.node.extend(nodes)
+    probe.graph.input.extend(graph.input)
+    probe.graph.initializer.extend(t for t in graph.initializer if t.name in used)
+    probe.graph.sparse_initializer.extend(
+        t for t in graph.sparse_initializer if t.values.name in used
+    )
+    probe.graph.value_info.extend(v for v in graph.value_info if v.name in used)
+    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
+    return probe
 
 
 def _fixed_batch(model: onnx.ModelProto, samples: Samples) -> int | None:

@@ -4,6 +4,7 @@ calibration loading errors."""
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 from modelgen import conv_model, run
 
@@ -234,3 +235,45 @@ def test_fc_data_fit_on_a_subspace(op, tmp_path):
         errors[fit] = np.linalg.norm(new - ref) / np.linalg.norm(ref)
         assert abs(errors[fit] - record.output_error_after) < 1e-3 + 0.01 * errors[fit]
     assert errors["data"] < 1e-3 < errors["weights"]
+
+
+def test_calibration_passes_run_only_the_graph_above_the_tensor():
+    """datafit.upstream: the nodes the tensor depends on and no others; same values; inputs kept
+    (one of them unused above the tensor)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnx_lowrank.datafit import upstream
+
+    w = RNG.standard_normal((4, 2, 3, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w"], ["a"], name="c1", pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["a"], ["b"], name="r1"),
+            helper.make_node("Add", ["b", "bias2"], ["c"], name="add"),
+            helper.make_node("Sigmoid", ["x2"], ["d"], name="side"),
+        ],
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 5, 5]),
+            helper.make_tensor_value_info("x2", TensorProto.FLOAT, ["N", 3]),
+        ],
+        [
+            helper.make_tensor_value_info("c", TensorProto.FLOAT, None),
+            helper.make_tensor_value_info("d", TensorProto.FLOAT, None),
+        ],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.ones(1, np.float32), "bias2")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    cut = upstream(model, ["b"])
+    assert [n.name for n in cut.graph.node] == ["c1", "r1"]
+    assert [i.name for i in cut.graph.initializer] == ["w"]
+    assert [o.name for o in cut.graph.output] == ["b"]
+    feeds = {
+        "x": RNG.standard_normal((2, 2, 5, 5)).astype(np.float32),
+        "x2": RNG.standard_normal((2, 3)).astype(np.float32),
+    }
+    (b,) = run(cut, feeds)
+    full = onnx.ModelProto()
+    full.CopyFrom(model)
+    full.graph.output.extend([onnx.ValueInfoProto(name="b")])
+    np.testing.assert_array_equal(b, run(full, feeds)[2])
