@@ -47,11 +47,15 @@ SETTINGS = {
         ("separable", 0.95, False),
         ("channel-svd", 0.95, False),
         ("channel-svd", 0.95, True),
+        ("channel-svd", 0.9, False),
+        ("channel-svd", 0.9, True),
     ],
     "rapidocr": [
         ("channel-svd", 0.99, False),
         ("channel-svd", 0.95, False),
         ("channel-svd", 0.95, True),
+        ("channel-svd", 0.9, False),
+        ("channel-svd", 0.9, True),
     ],
 }
 # tucker2 is left out: on these models it spends minutes per layer in an unoptimized
@@ -82,6 +86,7 @@ def describe(model: onnx.ModelProto) -> dict:
         "ops": dict(ops.most_common()),
         "convs": dict(convs.most_common()),
         "initializers": len(graph.initializer),
+        "denormal_weights": denormal_count(model),
         "constant_nodes": ops.get("Constant", 0),
     }
 
@@ -128,9 +133,44 @@ def compress(model: onnx.ModelProto, setting: tuple, shapes: dict, calibration: 
     }
 
 
-def speedup(original: onnx.ModelProto, new: onnx.ModelProto, shapes: dict) -> float:
-    """Measured onnxruntime CPU speedup of `new` over `original`, both pinned to `shapes`."""
-    return bench([_pinned(original, shapes), new], runs=20, threads=None)["speedup"]
+def speedup(original: onnx.ModelProto, new: onnx.ModelProto, shapes: dict) -> dict:
+    """Measured onnxruntime CPU speedup of `new` over `original` (both pinned to `shapes`),
+    and over the original with its denormal weights flushed to zero: PP-OCR's detector ships
+    1x1 convs whose weights are mostly denormal floats, which run ~40x slower on the CPU; any
+    refactoring of those weights drops the denormals, so the second ratio is the one that
+    credits the low-rank form alone."""
+    pinned = _pinned(original, shapes)
+    times = bench([pinned, flush_denormals(pinned), new], runs=20, threads=None)["median_ms"]
+    return {"speedup": times[0] / times[2], "speedup_flushed": times[1] / times[2]}
+
+
+def denormal_count(model: onnx.ModelProto) -> int:
+    """Non-zero float32 initializer values below the smallest normal float."""
+    tiny = np.finfo(np.float32).tiny
+    count = 0
+    for tensor in model.graph.initializer:
+        if tensor.data_type == onnx.TensorProto.FLOAT:
+            array = onnx.numpy_helper.to_array(tensor)
+            count += int(np.count_nonzero((array != 0) & (np.abs(array) < tiny)))
+    return count
+
+
+def flush_denormals(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy with denormal float32 initializer values set to zero."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    tiny = np.finfo(np.float32).tiny
+    for tensor in copy.graph.initializer:
+        if tensor.data_type == onnx.TensorProto.FLOAT:
+            array = onnx.numpy_helper.to_array(tensor)
+            small = (array != 0) & (np.abs(array) < tiny)
+            if small.any():
+                tensor.CopyFrom(
+                    onnx.numpy_helper.from_array(
+                        np.where(small, 0, array).astype(np.float32), tensor.name
+                    )
+                )
+    return copy
 
 
 def _pinned(model: onnx.ModelProto, shapes: dict) -> onnx.ModelProto:
@@ -178,7 +218,7 @@ def run_nudenet(settings: list, workdir: str) -> tuple[dict, list[dict]]:
         row.update(
             model="nudenet 320n",
             setting=_label(setting),
-            speedup=speedup(original, new, DETECTOR_SHAPE),
+            **speedup(original, new, DETECTOR_SHAPE),
             detections=int(counts[1]),
             precision=counts[0] / max(counts[2], 1),
             recall=counts[0] / max(counts[1], 1),
@@ -211,7 +251,7 @@ def run_rapidocr(settings: list, workdir: str) -> tuple[dict, list[dict]]:
         for part, original in originals.items():
             new, summary = compress(original, setting, OCR_SHAPES[part], calibration[part])
             row[part] = summary
-            row[part]["speedup"] = speedup(original, new, OCR_SHAPES[part])
+            row[part].update(speedup(original, new, OCR_SHAPES[part]))
             files[part] = os.path.join(workdir, f"{part}.onnx")
             onnx.save(unpin(new, original), files[part])
         engine = ocr.pipeline(files["det"], files["rec"])
@@ -237,6 +277,7 @@ def _print_row(row: dict) -> None:
     parts = [p for p in ("det", "rec") if p in row] or [None]
     cost = "  ".join(
         f"{p or 'model'} {s['macs_ratio']:.2f}x MACs {s['speedup']:.2f}x time "
+        f"({s['speedup_flushed']:.2f}x flushed) "
         f"({s['rewritten']}/{s['layers']} layers, {s['optimize_s']:.0f}s)"
         for p, s in ((p, row[p] if p else row) for p in parts)
     )

@@ -59,3 +59,26 @@ def test_edit_distance_and_agreement():
     reference = [(box, "hello"), (box + 40, "world")]
     assert ocr.agreement(reference, reference) == (2, 2, 0, 10)
     assert ocr.agreement(reference, [(box, "hallo")]) == (0, 2, 6, 10)
+
+
+def test_denormal_weights_are_counted_and_flushed():
+    import onnx
+    from onnx import helper, numpy_helper
+
+    real_models = pytest.importorskip("real_models")
+    w = np.array([1.0, 1e-40, -3e-39, 0.0, 2e-38], np.float32)  # two denormals
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [5])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [5])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph)
+    assert real_models.denormal_count(model) == 2
+    flushed = real_models.flush_denormals(model)
+    assert real_models.denormal_count(flushed) == 0
+    np.testing.assert_array_equal(
+        numpy_helper.to_array(flushed.graph.initializer[0]), np.where(np.abs(w) < 1.1e-38, 0, w)
+    )
+    assert real_models.denormal_count(model) == 2  # the input is untouched
