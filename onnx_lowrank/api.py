@@ -16,7 +16,7 @@ from .assemble import assemble, tag_origins
 from .calibrate import load_samples
 from .config import NO_ENERGY, OptimizeConfig
 from .cost import model_macs
-from .datafit import DataContext, fit_layer
+from .datafit import DataContext, fit_layer, refit_kept
 from .decompose.rank import rank_for_energy
 from .errors import LowRankError
 from .graph import (
@@ -114,7 +114,7 @@ def rewrite_graph(
         if choices is not None:
             if node.name not in choices:
                 if node.op == "Conv" or node.op in FC_OPS:
-                    records.append(_skip(node, None, "kept by the plan"))
+                    records.append(_kept(graph, _skip(node, None, "kept by the plan"), data))
                 continue
             method, rank = choices[node.name]
             settings = PLANNED_PASSES.get(method, RankedPass).plan_settings(tuple(rank))
@@ -123,7 +123,8 @@ def rewrite_graph(
             records.append(_skip(node, None, f"{node.op} is left as is"))
         elif node.op == "Conv":
             conv_pass = CONV_PASSES.get(layer_config.method)
-            records.append(_rewrite_conv(graph, node, conv_pass, layer_config, data))
+            record = _rewrite_conv(graph, node, conv_pass, layer_config, data)
+            records.append(record if record.status == "rewritten" else _kept(graph, record, data))
         elif fc_on or choices is not None:
             records.append(_rewrite_fc(graph, node, layer_config, data))
     return records
@@ -153,6 +154,11 @@ def _rewrite_conv(graph, node, conv_pass, config, data) -> LayerRecord:
     record = conv_pass(seed=config.seed).rewrite(graph, layer, config)
     record.fit = "weights" if record.status == "rewritten" else None
     return record
+
+
+def _kept(graph: gs.Graph, record: LayerRecord, data) -> LayerRecord:
+    """A conv left as it is, refitted to the compressed upstream when the data fit says so."""
+    return record if data is None else refit_kept(graph, record, data)
 
 
 def _skip(node: gs.Node, method: str | None, reason: str) -> LayerRecord:

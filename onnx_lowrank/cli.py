@@ -231,6 +231,12 @@ def _add_optimize(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="fit every layer on the original model's inputs, not on the compressed upstream's",
     )
+    data.add_argument(
+        "--no-refit-kept",
+        action="store_true",
+        help="data fit: leave the convs that are not factored as they are (by default one "
+        "below a factored layer is refitted to the inputs the compressed upstream gives it)",
+    )
     _add_preprocess(p)
 
 
@@ -373,6 +379,7 @@ def _calibration(args) -> Calibration | None:
         size=args.calibration_size,
         fit=args.fit,
         sequential=not args.no_sequential,
+        refit_kept=not args.no_refit_kept,
         whiten=args.whiten,
         preprocess=_preprocess(args),
     )

@@ -89,6 +89,9 @@ class Calibration:
     # Off by default: on both sample models it lowers the calibration error but costs test
     # accuracy against the weight-only factorization + refit (README, "Data-aware fitting").
     whiten: bool = False
+    # sequential data fit: a conv left as it is below a compressed one is refitted too (least
+    # squares on the inputs the compressed upstream gives it), so it absorbs their error
+    refit_kept: bool = True
     preprocess: Preprocess = field(default_factory=Preprocess)
     batch: int = 32
 

@@ -92,6 +92,36 @@ def fit_layer(
     return record
 
 
+def refit_kept(graph: gs.Graph, record: LayerRecord, ctx: DataContext) -> LayerRecord:
+    """A conv left as it is (`record`: skipped), refitted by least squares so its output on
+    the inputs the already compressed layers above give it matches the original model's: the
+    closed-form correction of the error accumulated upstream. Only in sequential data fits,
+    only below a rewritten layer, and only where the held-out check says the refit helps."""
+    cal = ctx.calibration
+    node = next((n for n in graph.nodes if n.name == record.node), None)
+    if not (cal.fit == "data" and cal.sequential and cal.refit_kept) or node is None:
+        return record
+    if node.op != "Conv" or all(getattr(n, "anchor", None) is None for n in graph.nodes):
+        return record  # nothing above it changed yet
+    weight = constant_value(node.inputs[1])
+    if weight is None or weight.ndim != 4:
+        return record
+    bias = constant_value(node.inputs[2]) if len(node.inputs) > 2 else None
+    bias = bias if bias is not None else np.zeros(len(weight), weight.dtype)
+    x_name, y_name = node.inputs[0].name, node.outputs[0].name
+    stats = _statistics(ctx, assemble(ctx.original, graph), [node], node, None, x_name, y_name)
+    before = stats.error(weight, bias)
+    new_weight, new_bias, ridge = stats.solve(weight, bias)
+    after = stats.error(new_weight, new_bias)
+    if ridge is None or after >= before:
+        return record
+    _replace(node, new_weight, new_bias)
+    node.modified = True  # assemble() exports it instead of copying the original proto
+    record.fit = f"data: kept, refitted to the compressed upstream (ridge {ridge:g})"
+    record.output_error_before, record.output_error_after = before, after
+    return record
+
+
 def _last_conv(chain: list[gs.Node]) -> tuple[gs.Node, np.ndarray | None]:
     """The chain's last Conv, and the order a trailing Gather applies to its output channels."""
     last = [n for n in chain if n.op == "Conv"][-1]
@@ -280,17 +310,22 @@ class _Stats:
     def solve(self, weight: np.ndarray, bias: np.ndarray):
         """Least-squares weights and bias of the last conv, with the ridge that predicts
         held-out data best (two folds of the calibration batches); the given ones, and ridge
-        None, when no refit beats them on held-out data."""
+        None, when no refit beats them on held-out data. The ridge shrinks towards the given
+        weights, not towards zero, so a strong one keeps most of the fit and a weak one trusts
+        the data."""
         ridge = RIDGE
+        priors = list(self._solutions(weight, bias))
         if self.fold0 is not None:
             folds = [
                 ((g0, c0, p0), (g - g0, c - c0, p - p0))
                 for g, c, p, g0, c0, p0 in zip(self.grams, self.crosses, self.powers, *self.fold0)
             ]
-            ridge, held = cross_validated_ridge(folds)
+            ridge, held = cross_validated_ridge(folds, priors)
             if held >= self._residual(weight, bias):
                 return weight, bias, None
-        solutions = [least_squares(g, c, ridge) for g, c in zip(self.grams, self.crosses)]
+        solutions = [
+            least_squares(g, c, ridge, p) for g, c, p in zip(self.grams, self.crosses, priors)
+        ]
         new_weight = np.concatenate([s[:-1].T for s in solutions]).reshape(weight.shape)
         new_bias = np.concatenate([s[-1] for s in solutions])
         return new_weight.astype(weight.dtype), new_bias.astype(weight.dtype), ridge
@@ -300,7 +335,12 @@ def _statistics(ctx, source, chain, last, order, x_name: str, y_name: str) -> _S
     """Run the chain on the layer's inputs and the original model for its targets."""
     rng = np.random.default_rng(ctx.seed + 1)
     z_name, out_name = last.inputs[0].name, last.outputs[0].name
-    mini = session(_chain_model(ctx.original, chain, x_name, [z_name, out_name]), optimize=False)
+    if z_name == x_name:  # a lone conv: its input is the layer input
+        mini = session(_chain_model(ctx.original, chain, x_name, [out_name]), optimize=False)
+    else:
+        mini = session(
+            _chain_model(ctx.original, chain, x_name, [z_name, out_name]), optimize=False
+        )
     batches = layer_batches(ctx, source, x_name, y_name)
     kernel = tuple(constant_value(last.inputs[1]).shape[2:])
     geo = _geometry_2d(conv_geometry(last.attrs, kernel, None))  # chain convs: explicit pads
@@ -308,7 +348,10 @@ def _statistics(ctx, source, chain, last, order, x_name: str, y_name: str) -> _S
     fold0: dict = {"grams": None, "crosses": None, "powers": None}
     count = 0
     for count, batch in enumerate(batches, 1):
-        z, out = mini.run([z_name, out_name], {x_name: batch[x_name]})
+        if z_name == x_name:
+            z, (out,) = batch[x_name], mini.run([out_name], {x_name: batch[x_name]})
+        else:
+            z, out = mini.run([z_name, out_name], {x_name: batch[x_name]})
         y = batch[y_name] if order is None else batch[y_name][:, np.argsort(order)]
         new = _accumulate(acc, rng, geo, _as_2d(z), _as_2d(y), _as_2d(out))
         if count % 2:  # odd-numbered batches: the first fold for choosing the ridge

@@ -277,3 +277,56 @@ def test_calibration_passes_run_only_the_graph_above_the_tensor():
     full.CopyFrom(model)
     full.graph.output.extend([onnx.ValueInfoProto(name="b")])
     np.testing.assert_array_equal(b, run(full, feeds)[2])
+
+
+def test_kept_conv_below_a_factored_one_absorbs_its_error(tmp_path):
+    """conv2 (1x1, 16 -> 4: nothing to gain at rank 8) is kept; with refit_kept it is refitted
+    on conv1's compressed output, and the model's output error drops."""
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(5)
+    model = conv_model(W, ["N", 16, 8, 8], {"pads": [1, 1, 1, 1]})
+    w2 = rng.standard_normal((4, 32, 1, 1)).astype(np.float32)
+    model.graph.initializer.append(numpy_helper.from_array(w2, "W2"))
+    model.graph.node.extend(
+        [
+            helper.make_node("Relu", ["y"], ["r"], name="relu"),
+            helper.make_node("Conv", ["r", "W2"], ["z"], name="conv2"),
+        ]
+    )
+    model.graph.output[0].name = "z"
+    x = rng.standard_normal((256, 16, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "c.npz", x=x)
+    errors, records = {}, {}
+    for refit in (True, False):
+        cal = Calibration(str(tmp_path / "c.npz"), refit_kept=refit)
+        out, report = ol.optimize(model, method="channel-svd", rank=8, check=0, calibration=cal)
+        (ref,), (new,) = run(model, {"x": x}), run(out, {"x": x})
+        errors[refit] = np.linalg.norm(new - ref) / np.linalg.norm(ref)
+        records[refit] = {r.node: r for r in report.records}
+    assert records[True]["conv2"].status == "skipped"
+    assert "kept, refitted" in records[True]["conv2"].fit
+    kept = records[True]["conv2"]
+    assert kept.output_error_after < kept.output_error_before
+    assert records[False]["conv2"].fit is None
+    assert errors[True] < errors[False]
+
+
+def test_ridge_shrinks_towards_the_prior():
+    """With a prior, a strong ridge gives the prior back (not zero); with few noisy rows and
+    the truth as prior, cross-validation picks a strong ridge and beats the zero-shrunk fit."""
+    rng = np.random.default_rng(9)
+    truth = rng.standard_normal((40, 3))
+    z = rng.standard_normal((30, 40))
+    gram, cross = z.T @ z, z.T @ (z @ truth)
+    np.testing.assert_allclose(metrics.least_squares(gram, cross, 1e6, truth), truth, atol=1e-3)
+    assert np.abs(metrics.least_squares(gram, cross, 1e6)).max() < 1e-3
+
+    parts = []
+    for _ in range(2):
+        z = rng.standard_normal((12, 40))
+        y = z @ truth + 3.0 * rng.standard_normal((12, 3))
+        parts.append((z.T @ z, z.T @ y, float((y**2).sum())))
+    ridge, held = metrics.cross_validated_ridge([parts], [truth])
+    _, held_zero = metrics.cross_validated_ridge([parts])
+    assert ridge >= 10 and held < held_zero

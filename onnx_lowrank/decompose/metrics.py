@@ -21,6 +21,9 @@ from .svd import ChannelSVD, LowRankMatrix, SpatialSeparable, _blocks, _f32, _se
 
 RIDGE = 1e-4  # relative to the mean diagonal of a Gram/moment matrix
 RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # tried by cross-validation for a least-squares refit
+# with a prior (the weights before the refit) the ridge shrinks towards it, so stronger ones are
+# worth trying: the strongest gives back the prior
+PRIOR_RIDGES = RIDGES + (10.0, 100.0)
 
 
 def regularized(moment: np.ndarray, ridge: float = RIDGE) -> np.ndarray:
@@ -112,9 +115,17 @@ def whitened_matrix_spectrum(matrix: np.ndarray, moment: np.ndarray) -> np.ndarr
     return _eig_spectrum(matrix.T @ regularized(moment) @ matrix)
 
 
-def least_squares(gram: np.ndarray, cross: np.ndarray, ridge: float = RIDGE) -> np.ndarray:
-    """argmin_A ||Y - Z A||^2 + lambda ||A||^2 from gram = Z^T Z and cross = Z^T Y."""
-    return np.linalg.solve(regularized(gram, ridge), np.asarray(cross, np.float64))
+def least_squares(
+    gram: np.ndarray, cross: np.ndarray, ridge: float = RIDGE, prior: np.ndarray | None = None
+) -> np.ndarray:
+    """argmin_A ||Y - Z A||^2 + lambda ||A - A0||^2 from gram = Z^T Z and cross = Z^T Y, with
+    A0 = `prior` (zero when None) and lambda = ridge * mean(diag(gram))."""
+    cross = np.asarray(cross, np.float64)
+    if prior is not None:
+        gram = np.asarray(gram, np.float64)
+        scale = float(np.trace(gram)) / len(gram) if len(gram) else 0.0
+        cross = cross + (ridge * scale if scale > 0 else 1.0) * np.asarray(prior, np.float64)
+    return np.linalg.solve(regularized(gram, ridge), cross)
 
 
 def residual(
@@ -125,19 +136,22 @@ def residual(
     return max(float(value), 0.0)
 
 
-def cross_validated_ridge(problems) -> tuple[float, float]:
-    """The ridge (from RIDGES) with the least two-fold held-out residual, and that residual.
+def cross_validated_ridge(problems, priors=None) -> tuple[float, float]:
+    """The ridge (from RIDGES, PRIOR_RIDGES with `priors`) with the least two-fold held-out
+    residual, and that residual.
 
     `problems`: per independent least-squares problem (a group of a conv), its two folds as
-    (gram, cross, target_power). A refit with more unknowns than the calibration data pins
-    down (an 8x8 conv over an 8x8 map has one output position per image) fits noise in the
-    sample; the held-out fold shows it and picks a stronger ridge."""
+    (gram, cross, target_power); `priors`: per problem, the solution to shrink towards. A
+    refit with more unknowns than the calibration data pins down (an 8x8 conv over an 8x8 map
+    has one output position per image) fits noise in the sample; the held-out fold shows it
+    and picks a stronger ridge."""
+    priors = [None] * len(problems) if priors is None else list(priors)
     best = None
-    for ridge in RIDGES:
+    for ridge in RIDGES if all(p is None for p in priors) else PRIOR_RIDGES:
         held = 0.0
-        for folds in problems:
+        for folds, prior in zip(problems, priors):
             for train, test in ((folds[0], folds[1]), (folds[1], folds[0])):
-                held += residual(*test, least_squares(train[0], train[1], ridge))
+                held += residual(*test, least_squares(train[0], train[1], ridge, prior))
         if best is None or held < best[1]:
             best = (ridge, held)
     return best
