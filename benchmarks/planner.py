@@ -85,6 +85,16 @@ def run_plan(ctx: dict, target: dict, fit: str, args) -> dict:
         "planning_s": planning_s,
         "notes": list(plan.notes),
         "choices": {k: [m, list(r)] for k, (m, r) in plan.choices().items()},
+        # the latency model's parts against the profiler's, per layer and for the rest
+        "layers": [
+            {
+                "node": layer.node,
+                "predicted_ms": [layer.options[0].ms, layer.chosen.ms],
+                "profiled_ms": layer.profiled_ms,
+            }
+            for layer in plan.layers
+        ],
+        "profiled_other_ms": plan.profiled_other_ms,
     }
     print(format_row(row), flush=True)
     return row
