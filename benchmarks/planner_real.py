@@ -16,6 +16,8 @@ task agreement with the original, the planning wall time and which methods the p
   lines with other strings than the evaluated ones.
 
     OPENBLAS_NUM_THREADS=1 python benchmarks/planner_real.py [--models nudenet] [--speedups 2,3]
+
+cp is left out of the candidates by default (`--exclude ""` keeps it).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import numpy as np
 import onnx
 
 import onnx_lowrank as ol
+from onnx_lowrank import auto
 from onnx_lowrank.bench import bench
 from onnx_lowrank.config import Calibration
 
@@ -168,8 +171,16 @@ def main() -> int:
     parser.add_argument("--speedups", default="2,3,4")
     parser.add_argument("--fits", default="weights,data")
     parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument(
+        "--exclude",
+        default="cp",
+        help="methods the planner may not use (default cp: its NLS "
+        "fits take minutes per layer on 64-layer models)",
+    )
     parser.add_argument("--out", default=os.path.join(RESULTS, "planner_real.json"))
     args = parser.parse_args()
+    if args.exclude:
+        auto.AUTO_METHODS = tuple(m for m in auto.AUTO_METHODS if m not in args.exclude.split(","))
     rows, started = [], time.perf_counter()
     with tempfile.TemporaryDirectory() as workdir:
         for name in args.models.split(","):

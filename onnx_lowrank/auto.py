@@ -247,7 +247,12 @@ class _FitCache:
 
 
 def plan_for_target(
-    layers: list[LayerPlan], baseline_ms: float, config: OptimizeConfig, build, evaluate
+    layers: list[LayerPlan],
+    baseline_ms: float,
+    config: OptimizeConfig,
+    build,
+    evaluate,
+    in_place: InPlace | None = None,
 ) -> tuple[Plan, object]:
     """Choose the plan for the config's target. `build(plan)` makes (model, records);
     `evaluate(model)` gives {"speedup": measured, "drop" / "error": quality} as needed."""
@@ -266,11 +271,53 @@ def plan_for_target(
     path = allocate(layers, baseline_ms)
     plan.path = [{"predicted_ms": s.ms, "error": float(np.sqrt(s.error2))} for s in path]
     if kind == "speedup":
-        return _meet_speedup(plan, path, value, build, evaluate)
-    return _meet_quality(plan, path, kind, value, build, evaluate)
+        return _meet_speedup(plan, path, value, build, evaluate, in_place)
+    return _meet_quality(plan, path, kind, value, build, evaluate, in_place)
 
 
-def _meet_speedup(plan: Plan, path, target: float, build, evaluate):
+class InPlace:
+    """What the plans built so far taught about the latency model, per layer.
+
+    The table times each chain alone; inside the model a chain can run slower or faster (its
+    weights evicted from the cache by the other layers, or kept hot in a small compressed
+    model), and the rest of the graph changes a little with the layouts the chains leave.
+    After each plan is built and timed, onnxruntime's profile of it gives each factored
+    layer's time in place: a layer's options are then scaled by (in-place / table) of the
+    option that ran, and the rest of the graph by its change. `predict(step)` is what the
+    planner expects of a step before building it."""
+
+    def __init__(self, layers: list[LayerPlan], original: tuple, baseline_ms: float, profile):
+        inside, other = original
+        total = sum(inside.values()) + other
+        self.scale = baseline_ms / total if total > 0 else 1.0
+        self.layers, self.baseline, self.original = layers, baseline_ms, original
+        self.profile = profile  # model -> (ms per layer, ms of the rest), as `original`
+        self.factor = {layer.node: 1.0 for layer in layers}
+        self.other_delta, self.learned = 0.0, False
+
+    def predict(self, step) -> float:
+        ms = self.baseline
+        for layer, choice in zip(self.layers, step.choices):
+            if choice:
+                option = layer.options[choice]
+                ms -= layer.options[0].ms - option.ms * self.factor[layer.node]
+        return ms + (self.other_delta if any(step.choices) else 0.0)
+
+    def learn(self, step, model: onnx.ModelProto) -> None:
+        """Update the factors from the in-place profile of `step` built as `model`."""
+        inside, other = self.profile(model)
+        delta = other - self.original[1]  # the rest, and the layers kept as they are
+        for layer, choice in zip(self.layers, step.choices):
+            option = layer.options[choice]
+            if choice and option.ms > 0 and inside.get(layer.node, 0) > 0:
+                self.factor[layer.node] = inside[layer.node] * self.scale / option.ms
+            elif not choice:
+                delta += inside.get(layer.node, 0.0) - self.original[0].get(layer.node, 0.0)
+        self.other_delta = delta * self.scale
+        self.learned = True
+
+
+def _meet_speedup(plan: Plan, path, target: float, build, evaluate, in_place=None):
     """The earliest step of the path (least error) whose MEASURED speedup meets the target.
 
     Start at the step the latency model predicts, then bisect on measurements: the measured
@@ -281,11 +328,17 @@ def _meet_speedup(plan: Plan, path, target: float, build, evaluate):
     )
     measured: dict[int, tuple[float, tuple]] = {}
 
+    corrected: dict[int, float | None] = {}
+
     def speedup_at(index: int) -> float:
         if index not in measured:
+            corrected[index] = _corrected(in_place, path[index])
             apply_step(plan.layers, path[index])
             built = build(plan)
-            measured[index] = (_evaluate(plan, path[index], built, evaluate)["speedup"], built)
+            result = _evaluate(plan, path[index], built, evaluate, corrected[index])
+            measured[index] = (result["speedup"], built)
+            if in_place is not None:
+                in_place.learn(path[index], built[0])
         return measured[index][0]
 
     lo, hi = 0, len(path) - 1  # invariant: the answer is in [lo, hi]
@@ -303,39 +356,50 @@ def _meet_speedup(plan: Plan, path, target: float, build, evaluate):
     apply_step(plan.layers, path[best])
     speedup, built = measured[best]
     plan.measured_ms = plan.baseline_ms / speedup
+    plan.corrected_ms = corrected[best]
     if speedup < target:
         plan.notes.append(f"target {target:g}x not met: best measured {speedup:.2f}x")
     return plan, built
 
 
-def _meet_quality(plan: Plan, path, kind: str, limit: float, build, evaluate):
+def _meet_quality(plan: Plan, path, kind: str, limit: float, build, evaluate, in_place=None):
     """The fastest step of the path whose measured quality loss is within `limit`
     (bisection: the loss grows along the path)."""
     lo, hi, best = 0, len(path) - 1, None
     while lo <= hi:
         mid = (lo + hi) // 2
+        corrected = _corrected(in_place, path[mid])
         apply_step(plan.layers, path[mid])
         built = build(plan)
-        result = _evaluate(plan, path[mid], built, evaluate)
+        result = _evaluate(plan, path[mid], built, evaluate, corrected)
+        if in_place is not None:
+            in_place.learn(path[mid], built[0])
         loss = result[kind]
         if loss <= limit:
-            best, lo = (mid, built, loss, plan.baseline_ms / result["speedup"]), mid + 1
+            best = (mid, built, loss, plan.baseline_ms / result["speedup"], corrected)
+            lo = mid + 1
         else:
             hi = mid - 1
     if best is None:
         raise LowRankError(f"no plan keeps the {kind} within {limit:g}")
     apply_step(plan.layers, path[best[0]])
-    plan.measured_ms = best[3]
+    plan.measured_ms, plan.corrected_ms = best[3], best[4]
     plan.notes.append(f"{kind} {best[2]:.4g} within {limit:g}")
     return plan, best[1]
 
 
-def _evaluate(plan: Plan, step, built, evaluate) -> dict:
+def _corrected(in_place, step) -> float | None:
+    """The in-place prediction of a step about to be built (None before anything was)."""
+    return in_place.predict(step) if in_place is not None and in_place.learned else None
+
+
+def _evaluate(plan: Plan, step, built, evaluate, corrected: float | None = None) -> dict:
     """Measure a built plan and keep the point for the report and the Pareto chart."""
     result = evaluate(built[0])
     plan.trace.append(
         {
             "predicted_ms": step.ms,
+            "corrected_ms": corrected,
             "measured_ms": plan.baseline_ms / result["speedup"],
             "error": float(np.sqrt(step.error2)),
             **result,
@@ -404,7 +468,8 @@ def run_planner(pinned: onnx.ModelProto, config: OptimizeConfig, data, build):
     def build_plan(plan):
         return build(pinned, config, data, plan.choices())
 
-    plan, built = plan_for_target(layers, baseline, config, build_plan, evaluate)
+    in_place = InPlace(layers, original, baseline, lambda m: _profiled(m, names, config))
+    plan, built = plan_for_target(layers, baseline, config, build_plan, evaluate, in_place)
     plan.notes.append(
         f"{scaled} of {len(layers)} layers' timings scaled to their profiled share of the model"
     )

@@ -65,6 +65,9 @@ class Plan:
     path: list[dict] = field(default_factory=list)  # the greedy path: predicted ms, error
     trace: list[dict] = field(default_factory=list)  # every plan built: predicted vs measured
     profiled_other_ms: list[float] | None = None  # the rest of the graph: original, optimized
+    # the prediction made just before the chosen plan was built, corrected by the in-place
+    # timings of the plans built before it (None: it was the first one built)
+    corrected_ms: float | None = None
 
     @property
     def predicted_ms(self) -> float:

@@ -278,8 +278,14 @@ def plan_table(plan) -> Table:
         if plan.measured_ms
         else ""
     )
+    corrected = (
+        f" ({plan.corrected_ms:.3f} ms after the in-place timings of the plans built before it)"
+        if plan.corrected_ms
+        else ""
+    )
     table.caption = (
         f"model: {plan.baseline_ms:.3f} ms, predicted {plan.predicted_ms:.3f} ms "
-        f"({plan.predicted_speedup:.2f}x){measured}" + "".join(f"; {note}" for note in plan.notes)
+        f"({plan.predicted_speedup:.2f}x){corrected}{measured}"
+        + "".join(f"; {note}" for note in plan.notes)
     )
     return table

@@ -181,3 +181,34 @@ def test_fast_models_are_timed_more_often():
 
     assert runs_for(0.2) == MAX_RUNS and runs_for(500.0) == MIN_RUNS
     assert MIN_RUNS < runs_for(10.0) < MAX_RUNS
+
+
+def test_in_place_timings_correct_the_prediction():
+    """After a plan is built, each factored layer's options are scaled by (in place / table)
+    of the option that ran, and the rest of the graph (with the kept layers) by its change."""
+    from onnx_lowrank.auto import InPlace
+    from onnx_lowrank.plan import Step
+
+    def layer(name):
+        return LayerPlan(
+            name,
+            "Conv",
+            [
+                Option(None, None, 0, 0.0, 4.0),
+                Option("m", [8], 0, 0.1, 1.0),
+                Option("m", [4], 0, 0.2, 0.5),
+            ],
+        )
+
+    layers = [layer("a"), layer("b")]
+    original = ({"a": 4.0, "b": 4.0}, 2.0)  # profiled: 10 ms in all, as the baseline
+    built = ({"a": 1.5, "b": 3.0}, 1.0)  # a ran 1.5x slower than the table said; b kept
+    in_place = InPlace(layers, original, 10.0, lambda model: built)
+    step = Step(7.0, 0.01, [1, 0])
+    assert not in_place.learned and in_place.predict(step) == 7.0
+    in_place.learn(step, None)
+    assert in_place.factor == {"a": 1.5, "b": 1.0}
+    # the rest: 2 -> 1 ms, kept b: 4 -> 3 ms
+    assert in_place.predict(step) == 10.0 - 4.0 + 1.5 - 2.0 == 5.5
+    assert in_place.predict(Step(0, 0, [2, 2])) == 10.0 - 3.5 - 3.5 + 0.25 - 2.0
+    assert in_place.predict(Step(0, 0, [0, 0])) == 10.0
