@@ -9,6 +9,7 @@ output error X), or a per-layer --energy / --max-error (each layer's fastest opt
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -303,17 +304,24 @@ class InPlace:
                 ms -= layer.options[0].ms - option.ms * self.factor[layer.node]
         return ms + (self.other_delta if any(step.choices) else 0.0)
 
-    def learn(self, step, model: onnx.ModelProto) -> None:
-        """Update the factors from the in-place profile of `step` built as `model`."""
+    def learn(self, step, model: onnx.ModelProto, measured_ms: float) -> None:
+        """Update the factors from the in-place profile of `step` built as `model`, which
+        measured `measured_ms` end to end. Each profile is put on the scale of its own
+        model's wall time: the profiler's per-kernel cost weighs more in a model of many
+        small kernels (a chain) than in the original."""
         inside, other = self.profile(model)
-        delta = other - self.original[1]  # the rest, and the layers kept as they are
+        total = sum(inside.values()) + other
+        scale = measured_ms / total if total > 0 and measured_ms > 0 else self.scale
+        # the rest of the graph, and the layers kept as they are
+        delta = other * scale - self.original[1] * self.scale
         for layer, choice in zip(self.layers, step.choices):
             option = layer.options[choice]
             if choice and option.ms > 0 and inside.get(layer.node, 0) > 0:
-                self.factor[layer.node] = inside[layer.node] * self.scale / option.ms
+                self.factor[layer.node] = inside[layer.node] * scale / option.ms
             elif not choice:
-                delta += inside.get(layer.node, 0.0) - self.original[0].get(layer.node, 0.0)
-        self.other_delta = delta * self.scale
+                before = self.original[0].get(layer.node, 0.0) * self.scale
+                delta += inside.get(layer.node, 0.0) * scale - before
+        self.other_delta = delta
         self.learned = True
 
 
@@ -338,7 +346,7 @@ def _meet_speedup(plan: Plan, path, target: float, build, evaluate, in_place=Non
             result = _evaluate(plan, path[index], built, evaluate, corrected[index])
             measured[index] = (result["speedup"], built)
             if in_place is not None:
-                in_place.learn(path[index], built[0])
+                in_place.learn(path[index], built[0], plan.baseline_ms / result["speedup"])
         return measured[index][0]
 
     lo, hi = 0, len(path) - 1  # invariant: the answer is in [lo, hi]
@@ -373,7 +381,7 @@ def _meet_quality(plan: Plan, path, kind: str, limit: float, build, evaluate, in
         built = build(plan)
         result = _evaluate(plan, path[mid], built, evaluate, corrected)
         if in_place is not None:
-            in_place.learn(path[mid], built[0])
+            in_place.learn(path[mid], built[0], plan.baseline_ms / result["speedup"])
         loss = result[kind]
         if loss <= limit:
             best = (mid, built, loss, plan.baseline_ms / result["speedup"], corrected)
@@ -412,8 +420,14 @@ TIMING_BUDGET_MS = 1000.0  # per model and measurement: fast models get more run
 MIN_RUNS, MAX_RUNS = 20, 200
 
 
-def timed(models: list[onnx.ModelProto], config: OptimizeConfig, runs: int = MIN_RUNS) -> dict:
-    """Interleaved latency of the models at the config's provider, batch and threads."""
+def timed(
+    models: list[onnx.ModelProto],
+    config: OptimizeConfig,
+    runs: int = MIN_RUNS,
+    feeds: list[dict] | None = None,
+) -> dict:
+    """Interleaved latency of the models at the config's provider, batch and threads (on
+    `feeds` when given, else random inputs)."""
     return bench(
         models,
         config.provider,
@@ -422,7 +436,19 @@ def timed(models: list[onnx.ModelProto], config: OptimizeConfig, runs: int = MIN
         threads=config.threads,
         batch=config.batch,
         seed=config.seed,
+        feeds=feeds,
     )
+
+
+def timing_feeds(data, config: OptimizeConfig, count: int = 3) -> list[dict] | None:
+    """Up to `count` feeds of the config's batch from the calibration samples (None without
+    them): the planner times models on real inputs where it has some."""
+    if data is None:
+        return None
+    batch = config.batch or 1
+    feeds = list(itertools.islice(data.samples.batches(batch), count))
+    feeds = [f for f in feeds if len(next(iter(f.values()))) == batch]
+    return feeds or None
 
 
 def runs_for(latency_ms: float) -> int:
@@ -435,14 +461,21 @@ def runs_for(latency_ms: float) -> int:
 
 
 def measure_speedup(
-    original: onnx.ModelProto, optimized: onnx.ModelProto, config, runs: int = MIN_RUNS
+    original: onnx.ModelProto,
+    optimized: onnx.ModelProto,
+    config,
+    runs: int = MIN_RUNS,
+    feeds: list[dict] | None = None,
 ) -> float:
     """Interleaved end-to-end speedup of `optimized` over `original`."""
-    return timed([original, optimized], config, runs)["speedup"]
+    return timed([original, optimized], config, runs, feeds)["speedup"]
 
 
 def run_planner(pinned: onnx.ModelProto, config: OptimizeConfig, data, build):
-    """Plan (or load `config.plan_path`) and build the model; returns (plan, (model, records))."""
+    """Plan (or load `config.plan_path`) and build the model; returns (plan, (model, records)).
+    With calibration data, every timing and profile runs on calibration inputs."""
+    feeds = timing_feeds(data, config)
+    feed = feeds[0] if feeds else None
     if config.plan_path:
         try:
             plan = Plan.load(config.plan_path)
@@ -450,39 +483,47 @@ def run_planner(pinned: onnx.ModelProto, config: OptimizeConfig, data, build):
             raise LowRankError(f"{config.plan_path}: not a readable plan ({exc})") from None
         built = build(pinned, config, data, plan.choices())
         names = [layer.node for layer in plan.layers]
-        profile_layers(plan, _profiled(pinned, names, config), _profiled(built[0], names, config))
+        profile_layers(
+            plan, _profiled(pinned, names, config, feed), _profiled(built[0], names, config, feed)
+        )
         return plan, built
     table = LatencyTable(config.provider, config.threads)
     layers = layer_options(pinned, config, table, data=data)
     data_errors = data is not None and data.calibration.fit == "data"
-    runs = runs_for(timed([pinned], config)["median_ms"][0])
-    baseline = timed([pinned], config, runs)["median_ms"][0]
+    runs = runs_for(timed([pinned], config, feeds=feeds)["median_ms"][0])
+    baseline = timed([pinned], config, runs, feeds)["median_ms"][0]
     names = [layer.node for layer in layers]
-    original = _profiled(pinned, names, config)  # for the prediction and the report
+    original = _profiled(pinned, names, config, feed)  # for the prediction and the report
     scaled = _scale_to_model(layers, original, baseline)
     quality = _Quality(pinned, config)
 
     def evaluate(model):
-        return {"speedup": measure_speedup(pinned, model, config, runs), **quality(model)}
+        return {"speedup": measure_speedup(pinned, model, config, runs, feeds), **quality(model)}
 
     def build_plan(plan):
         return build(pinned, config, data, plan.choices())
 
-    in_place = InPlace(layers, original, baseline, lambda m: _profiled(m, names, config))
+    in_place = InPlace(layers, original, baseline, lambda m: _profiled(m, names, config, feed))
     plan, built = plan_for_target(layers, baseline, config, build_plan, evaluate, in_place)
     plan.notes.append(
         f"{scaled} of {len(layers)} layers' timings scaled to their profiled share of the model"
     )
     if data_errors:
         plan.notes.append("conv errors: relative output error on calibration input patches")
-    profile_layers(plan, original, _profiled(built[0], names, config))
+    if feeds:
+        plan.notes.append("timed on calibration inputs")
+    profile_layers(plan, original, _profiled(built[0], names, config, feed))
     return plan, built
 
 
-def _profiled(model, names: list[str], config: OptimizeConfig) -> tuple[dict[str, float], float]:
+def _profiled(
+    model, names: list[str], config: OptimizeConfig, feed: dict | None = None
+) -> tuple[dict[str, float], float]:
     """Each named layer's time inside `model` and the rest of the graph's, from onnxruntime's
-    profiler (which adds a little per-kernel overhead)."""
-    kernels = kernel_times(model, config.provider, config.batch, config.threads, seed=config.seed)
+    profiler (which adds a little per-kernel overhead); on `feed` when given."""
+    kernels = kernel_times(
+        model, config.provider, config.batch, config.threads, seed=config.seed, feed=feed
+    )
     return layer_times(node_times(model, kernels), names)
 
 

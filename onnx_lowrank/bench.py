@@ -19,13 +19,16 @@ def bench(
     threads: int | None = None,
     batch: int | None = None,
     seed: int = 0,
+    feeds: list[dict] | None = None,
 ) -> dict:
     """Median latency (ms) of each model and, for two, the speedup of the second.
 
     The models are timed side by side in one loop, in alternating order, on a rotation of
-    three random inputs, so machine noise hits them alike."""
+    three random inputs (or the given `feeds`: real inputs, where a model's speed depends on
+    its values, e.g. a softmax whose exponentials underflow), so machine noise hits them
+    alike."""
     sessions = [session(m, provider, optimize=True, threads=threads) for m in models]
-    feeds = random_inputs(models[0], 3, seed=seed, batch=batch)
+    feeds = feeds or random_inputs(models[0], 3, seed=seed, batch=batch)
     for sess in sessions:
         for i in range(warmup):
             sess.run(None, feeds[i % len(feeds)])

@@ -32,12 +32,14 @@ def kernel_times(
     threads: int | None = None,
     runs: int = 30,
     seed: int = 0,
+    feed: dict | None = None,
 ) -> dict[str, float]:
     """Median milliseconds per run of every kernel onnxruntime ran, by its profiled name.
-    `batch` sets the inputs' first dim (None: a free one is 1, a fixed one stays)."""
+    `batch` sets the random inputs' first dim (None: a free one is 1, a fixed one stays);
+    `feed` gives real inputs instead."""
     with tempfile.TemporaryDirectory() as tmp:
         sess = session(model, provider, threads=threads, profile_prefix=os.path.join(tmp, "p"))
-        feed = random_inputs(model, 1, seed, batch)[0]
+        feed = feed or random_inputs(model, 1, seed, batch)[0]
         for _ in range(3):
             sess.run(None, feed)  # warm-up runs are profiled too: dropped below
         for _ in range(runs):

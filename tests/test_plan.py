@@ -206,9 +206,24 @@ def test_in_place_timings_correct_the_prediction():
     in_place = InPlace(layers, original, 10.0, lambda model: built)
     step = Step(7.0, 0.01, [1, 0])
     assert not in_place.learned and in_place.predict(step) == 7.0
-    in_place.learn(step, None)
+    in_place.learn(step, None, 5.5)  # measured as its profile adds up: scale 1
     assert in_place.factor == {"a": 1.5, "b": 1.0}
     # the rest: 2 -> 1 ms, kept b: 4 -> 3 ms
     assert in_place.predict(step) == 10.0 - 4.0 + 1.5 - 2.0 == 5.5
     assert in_place.predict(Step(0, 0, [2, 2])) == 10.0 - 3.5 - 3.5 + 0.25 - 2.0
     assert in_place.predict(Step(0, 0, [0, 0])) == 10.0
+    # the same profile from a model that measured 4.4 ms: every part of it weighs 0.8
+    in_place.learn(step, None, 4.4)
+    assert abs(in_place.factor["a"] - 1.2) < 1e-12
+    assert abs(in_place.predict(step) - 4.4) < 1e-12
+
+
+def test_planner_times_on_calibration_inputs_when_it_has_them():
+    from onnx_lowrank.auto import timing_feeds
+
+    x = np.arange(5 * 2, dtype=np.float32).reshape(5, 2)
+    data = DataContext(None, Samples({"x": x}), Calibration("unused.npz"))
+    feeds = timing_feeds(data, OptimizeConfig(batch=2))
+    assert [f["x"].tolist() for f in feeds] == [x[0:2].tolist(), x[2:4].tolist()]
+    assert timing_feeds(data, OptimizeConfig(batch=8)) is None  # too few samples: random
+    assert timing_feeds(None, OptimizeConfig()) is None
