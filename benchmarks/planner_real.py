@@ -144,6 +144,9 @@ def run_plan(ctx: dict, speedup: float, fit: str, runs: int, threads: int | None
             [rm.flush_denormals(pinned), new], runs=runs, threads=threads, feeds=ctx["feeds"]
         )["speedup"],
         prediction_error=abs(plan.predicted_ms - measured) / measured if measured else None,
+        corrected_error=abs(plan.corrected_ms - measured) / measured
+        if measured and plan.corrected_ms
+        else None,
         mac_speedup=report.totals["macs_before"] / report.totals["macs_after"],
         planning_s=time.perf_counter() - start,
         layers=len(plan.layers),
@@ -165,10 +168,14 @@ def format_row(r: dict) -> str:
     else:
         task = f"exact {r['exact']:.2f} CER {r['cer']:.3f}"
     methods = ", ".join(f"{m} {n}" for m, n in r["methods"].items())
+    fixed = r.get("corrected_error")
+    corrected = "-" if fixed is None else f"{100 * fixed:.1f}%"
     return (
         f"{head} plan {r['speedup_planner'] or 0:5.2f}x re {r['speedup_remeasured']:5.2f}x"
         f" (flushed {r['speedup_vs_flushed']:5.2f}x) MACs {r['mac_speedup']:5.2f}x"
-        f" pred err {100 * (r['prediction_error'] or 0):5.1f}%  {task}"
+        f" pred err {100 * (r['prediction_error'] or 0):5.1f}%"
+        f" (corrected {corrected})"
+        f"  {task}"
         f"  {r['planning_s']:6.0f}s  {r['factored']}/{r['layers']} layers: {methods}"
     )
 
