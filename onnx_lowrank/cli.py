@@ -232,10 +232,10 @@ def _add_optimize(p: argparse.ArgumentParser) -> None:
         help="fit every layer on the original model's inputs, not on the compressed upstream's",
     )
     data.add_argument(
-        "--no-refit-kept",
+        "--refit-kept",
         action="store_true",
-        help="data fit: leave the convs that are not factored as they are (by default one "
-        "below a factored layer is refitted to the inputs the compressed upstream gives it)",
+        help="data fit: also refit each conv left as it is below a factored one, to the inputs "
+        "the compressed upstream gives it (off by default: it overfitted PP-OCR's classifier)",
     )
     _add_preprocess(p)
 
@@ -379,7 +379,7 @@ def _calibration(args) -> Calibration | None:
         size=args.calibration_size,
         fit=args.fit,
         sequential=not args.no_sequential,
-        refit_kept=not args.no_refit_kept,
+        refit_kept=args.refit_kept,
         whiten=args.whiten,
         preprocess=_preprocess(args),
     )
