@@ -26,11 +26,16 @@ RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # tried by cross-validation for a least-
 PRIOR_RIDGES = RIDGES + (10.0, 100.0)
 
 
+def _ridge_weight(moment: np.ndarray, ridge: float) -> float:
+    """ridge * mean(diag S), or 1 when S is all zero."""
+    scale = float(np.trace(moment)) / len(moment) if len(moment) else 0.0
+    return ridge * scale if scale > 0 else 1.0
+
+
 def regularized(moment: np.ndarray, ridge: float = RIDGE) -> np.ndarray:
     """S + ridge * mean(diag S) * I (identity when S is all zero)."""
     moment = np.asarray(moment, np.float64)
-    scale = float(np.trace(moment)) / len(moment) if len(moment) else 0.0
-    return moment + (ridge * scale if scale > 0 else 1.0) * np.eye(len(moment))
+    return moment + _ridge_weight(moment, ridge) * np.eye(len(moment))
 
 
 def _top_eigvecs(gram: np.ndarray, rank: int) -> np.ndarray:
@@ -120,11 +125,9 @@ def least_squares(
 ) -> np.ndarray:
     """argmin_A ||Y - Z A||^2 + lambda ||A - A0||^2 from gram = Z^T Z and cross = Z^T Y, with
     A0 = `prior` (zero when None) and lambda = ridge * mean(diag(gram))."""
-    cross = np.asarray(cross, np.float64)
+    gram, cross = np.asarray(gram, np.float64), np.asarray(cross, np.float64)
     if prior is not None:
-        gram = np.asarray(gram, np.float64)
-        scale = float(np.trace(gram)) / len(gram) if len(gram) else 0.0
-        cross = cross + (ridge * scale if scale > 0 else 1.0) * np.asarray(prior, np.float64)
+        cross = cross + _ridge_weight(gram, ridge) * np.asarray(prior, np.float64)
     return np.linalg.solve(regularized(gram, ridge), cross)
 
 
