@@ -169,11 +169,8 @@ def upstream(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
             stack.extend(graph.node[index].input)
     nodes = [n for i, n in enumerate(graph.node) if i in keep]
     used = {t for n in nodes for t in n.input} | set(names) | {i.name for i in graph.input}
-    for field in ("ir_version", "opset_import", "domain", "model_version", "producer_name"):
-        if field == "opset_import":
-            probe.opset_import.extend(model.opset_import)
-        else:
-            setattr(probe, field, getattr(model, field))
+    probe.ir_version = model.ir_version
+    probe.opset_import.extend(model.opset_import)
     probe.functions.extend(model.functions)
     probe.graph.name = graph.name
     probe.graph.node.extend(nodes)
@@ -335,12 +332,9 @@ def _statistics(ctx, source, chain, last, order, x_name: str, y_name: str) -> _S
     """Run the chain on the layer's inputs and the original model for its targets."""
     rng = np.random.default_rng(ctx.seed + 1)
     z_name, out_name = last.inputs[0].name, last.outputs[0].name
-    if z_name == x_name:  # a lone conv: its input is the layer input
-        mini = session(_chain_model(ctx.original, chain, x_name, [out_name]), optimize=False)
-    else:
-        mini = session(
-            _chain_model(ctx.original, chain, x_name, [z_name, out_name]), optimize=False
-        )
+    lone = z_name == x_name  # a lone conv (a kept layer): its input is the layer input
+    names = [out_name] if lone else [z_name, out_name]
+    mini = session(_chain_model(ctx.original, chain, x_name, names), optimize=False)
     batches = layer_batches(ctx, source, x_name, y_name)
     kernel = tuple(constant_value(last.inputs[1]).shape[2:])
     geo = _geometry_2d(conv_geometry(last.attrs, kernel, None))  # chain convs: explicit pads
@@ -348,10 +342,8 @@ def _statistics(ctx, source, chain, last, order, x_name: str, y_name: str) -> _S
     fold0: dict = {"grams": None, "crosses": None, "powers": None}
     count = 0
     for count, batch in enumerate(batches, 1):
-        if z_name == x_name:
-            z, (out,) = batch[x_name], mini.run([out_name], {x_name: batch[x_name]})
-        else:
-            z, out = mini.run([z_name, out_name], {x_name: batch[x_name]})
+        values = mini.run(names, {x_name: batch[x_name]})
+        z, out = (batch[x_name] if lone else values[0]), values[-1]
         y = batch[y_name] if order is None else batch[y_name][:, np.argsort(order)]
         new = _accumulate(acc, rng, geo, _as_2d(z), _as_2d(y), _as_2d(out))
         if count % 2:  # odd-numbered batches: the first fold for choosing the ridge
