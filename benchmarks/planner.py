@@ -51,6 +51,17 @@ def validation_file(count: int = 1024) -> str:
     return path
 
 
+def latency_errors(plan) -> dict:
+    """|predicted - measured| / measured of the plan's latency: the table's prediction, and
+    the in-place corrected one made before the plan was built (None when it was the first)."""
+    measured, corrected = plan.measured_ms, plan.corrected_ms
+    return {
+        "prediction_error": abs(plan.predicted_ms - measured) / measured if measured else None,
+        "corrected_ms": corrected,
+        "corrected_error": abs(corrected - measured) / measured if measured and corrected else None,
+    }
+
+
 def run_plan(ctx: dict, target: dict, fit: str, args) -> dict:
     """Plan, build and evaluate one target; returns the row."""
     options = {"method": "auto", "check": 0, "seed": 0, "threads": args.threads}
@@ -78,13 +89,7 @@ def run_plan(ctx: dict, target: dict, fit: str, args) -> dict:
         "measured_ms": measured,
         "speedup_planner": plan.baseline_ms / measured if measured else None,
         "speedup_remeasured": remeasured["speedup"],
-        "prediction_error": abs(plan.predicted_ms - measured) / measured if measured else None,
-        # the prediction made before this plan was built, corrected by the in-place profiles
-        # of the plans the planner built before it (None: it was the first)
-        "corrected_ms": plan.corrected_ms,
-        "corrected_error": abs(plan.corrected_ms - measured) / measured
-        if measured and plan.corrected_ms
-        else None,
+        **latency_errors(plan),
         "accuracy": acc,
         "drop": 100 * (ctx["reference"] - acc),
         "mac_speedup": report.totals["macs_before"] / report.totals["macs_after"],

@@ -43,6 +43,7 @@ from onnx_lowrank.config import Calibration
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import real_models as rm  # noqa: E402
+from planner import latency_errors  # noqa: E402
 from realmodels import fetch, ocr, yolo  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -143,10 +144,7 @@ def run_plan(ctx: dict, speedup: float, fit: str, runs: int, threads: int | None
         speedup_vs_flushed=bench(
             [rm.flush_denormals(pinned), new], runs=runs, threads=threads, feeds=ctx["feeds"]
         )["speedup"],
-        prediction_error=abs(plan.predicted_ms - measured) / measured if measured else None,
-        corrected_error=abs(plan.corrected_ms - measured) / measured
-        if measured and plan.corrected_ms
-        else None,
+        **latency_errors(plan),
         mac_speedup=report.totals["macs_before"] / report.totals["macs_after"],
         planning_s=time.perf_counter() - start,
         layers=len(plan.layers),

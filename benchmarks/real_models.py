@@ -149,32 +149,28 @@ def speedup(original: onnx.ModelProto, new: onnx.ModelProto, shapes: dict) -> di
     }
 
 
-def denormal_count(model: onnx.ModelProto) -> int:
-    """Non-zero float32 initializer values below the smallest normal float."""
+def _denormals(model: onnx.ModelProto):
+    """(initializer, its values, mask of its denormal values) per float32 initializer."""
     tiny = np.finfo(np.float32).tiny
-    count = 0
     for tensor in model.graph.initializer:
         if tensor.data_type == onnx.TensorProto.FLOAT:
             array = onnx.numpy_helper.to_array(tensor)
-            count += int(np.count_nonzero((array != 0) & (np.abs(array) < tiny)))
-    return count
+            yield tensor, array, (array != 0) & (np.abs(array) < tiny)
+
+
+def denormal_count(model: onnx.ModelProto) -> int:
+    """Non-zero float32 initializer values below the smallest normal float."""
+    return sum(int(np.count_nonzero(small)) for _, _, small in _denormals(model))
 
 
 def flush_denormals(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy with denormal float32 initializer values set to zero."""
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
-    tiny = np.finfo(np.float32).tiny
-    for tensor in copy.graph.initializer:
-        if tensor.data_type == onnx.TensorProto.FLOAT:
-            array = onnx.numpy_helper.to_array(tensor)
-            small = (array != 0) & (np.abs(array) < tiny)
-            if small.any():
-                tensor.CopyFrom(
-                    onnx.numpy_helper.from_array(
-                        np.where(small, 0, array).astype(np.float32), tensor.name
-                    )
-                )
+    for tensor, array, small in list(_denormals(copy)):
+        if small.any():
+            flushed = np.where(small, 0, array).astype(np.float32)
+            tensor.CopyFrom(onnx.numpy_helper.from_array(flushed, tensor.name))
     return copy
 
 
