@@ -43,6 +43,7 @@ OUTER_MAX_WORK = 12_000_000  # bicluster-outer: weight entries x K (~3 s of ALS 
 EXACT_TAIL = ("separable", "channel-svd")  # error = tail of the spectrum (Eckart-Young)
 CP_MAX_WEIGHTS = 256 * 256 * 9  # CP candidates only for layers up to this size (fit time)
 BASIS_MAX_CHANNELS = 8  # scheme 1 is a basis per input channel: for first layers only
+WARM_UP_BEYOND = 1.25  # the trial build before the first plan: predicted this much faster
 MAX_CORRECTIONS = 4  # measured builds beyond the first when bisecting for a speedup
 
 
@@ -285,16 +286,35 @@ class InPlace:
     After each plan is built and timed, onnxruntime's profile of it gives each factored
     layer's time in place: a layer's options are then scaled by (in-place / table) of the
     option that ran, and the rest of the graph by its change. `predict(step)` is what the
-    planner expects of a step before building it."""
+    planner expects of a step before building it. `warm_up` learns from a quick trial build
+    before the first plan, so that plan gets a corrected prediction too."""
 
-    def __init__(self, layers: list[LayerPlan], original: tuple, baseline_ms: float, profile):
+    def __init__(
+        self, layers: list[LayerPlan], original: tuple, baseline_ms: float, profile, trial=None
+    ):
         inside, other = original
         total = sum(inside.values()) + other
         self.scale = baseline_ms / total if total > 0 else 1.0
         self.layers, self.baseline, self.original = layers, baseline_ms, original
         self.profile = profile  # model -> (ms per layer, ms of the rest), as `original`
+        # step -> (model, measured ms): the step's architecture built fast (weight-only fits)
+        self.trial = trial
         self.factor = {layer.node: 1.0 for layer in layers}
         self.other_delta, self.learned = 0.0, False
+
+    def warm_up(self, path, index: int) -> None:
+        """Learn from a trial build of a step past `path[index]` (predicted WARM_UP_BEYOND x
+        faster, or the last step) before `path[index]` itself is built. Further along the
+        greedy path every layer is factored at least as far, so each layer the first plan
+        factors has a learned factor; only the architecture matters for timing, so the trial
+        uses weight-only fits whatever the plan's fit."""
+        if self.trial is None or self.learned or index >= len(path) - 1:
+            return
+        faster = path[index].ms / WARM_UP_BEYOND
+        later = next((i for i in range(index + 1, len(path)) if path[i].ms <= faster), None)
+        step = path[later if later is not None else len(path) - 1]
+        model, measured_ms = self.trial(step)
+        self.learn(step, model, measured_ms)
 
     def predict(self, step) -> float:
         ms = self.baseline
@@ -331,9 +351,14 @@ def _meet_speedup(plan: Plan, path, target: float, build, evaluate, in_place=Non
     Start at the step the latency model predicts, then bisect on measurements: the measured
     speedup grows along the path, and taking the earliest step that meets it (not the fastest
     one seen) keeps a noisy prediction from overshooting into a much less accurate plan."""
-    first = next(
-        (i for i, s in enumerate(path) if s.ms <= plan.baseline_ms / target), len(path) - 1
-    )
+    budget = plan.baseline_ms / target
+    first = next((i for i, s in enumerate(path) if s.ms <= budget), len(path) - 1)
+    if in_place is not None:
+        in_place.warm_up(path, first)
+        if in_place.learned:  # start where the corrected latency model meets the target
+            first = next(
+                (i for i, s in enumerate(path) if in_place.predict(s) <= budget), len(path) - 1
+            )
     measured: dict[int, tuple[float, tuple]] = {}
 
     corrected: dict[int, float | None] = {}
@@ -374,6 +399,8 @@ def _meet_quality(plan: Plan, path, kind: str, limit: float, build, evaluate, in
     """The fastest step of the path whose measured quality loss is within `limit`
     (bisection: the loss grows along the path)."""
     lo, hi, best = 0, len(path) - 1, None
+    if in_place is not None:
+        in_place.warm_up(path, hi // 2)
     while lo <= hi:
         mid = (lo + hi) // 2
         corrected = _corrected(in_place, path[mid])
@@ -503,7 +530,14 @@ def run_planner(pinned: onnx.ModelProto, config: OptimizeConfig, data, build):
     def build_plan(plan):
         return build(pinned, config, data, plan.choices())
 
-    in_place = InPlace(layers, original, baseline, lambda m: _profiled(m, names, config, feed))
+    def trial(step):
+        apply_step(layers, step)
+        model = build(pinned, config, None, Plan(layers, baseline).choices())[0]
+        return model, baseline / measure_speedup(pinned, model, config, runs, feeds)
+
+    in_place = InPlace(
+        layers, original, baseline, lambda m: _profiled(m, names, config, feed), trial
+    )
     plan, built = plan_for_target(layers, baseline, config, build_plan, evaluate, in_place)
     plan.notes.append(
         f"{scaled} of {len(layers)} layers' timings scaled to their profiled share of the model"

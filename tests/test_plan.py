@@ -218,6 +218,38 @@ def test_in_place_timings_correct_the_prediction():
     assert abs(in_place.predict(step) - 4.4) < 1e-12
 
 
+def test_a_trial_build_corrects_the_first_plan_too():
+    """Before the first plan is built, a trial build of a step further along the path (every
+    layer factored at least as far) teaches the factors, so the first plan has a corrected
+    prediction as well; the trial is built once."""
+    from onnx_lowrank.auto import WARM_UP_BEYOND, InPlace
+    from onnx_lowrank.plan import Step
+
+    options = [Option(None, None, 0, 0.0, 4.0), Option("m", [8], 0, 0.1, 2.0)]
+    options.append(Option("m", [4], 0, 0.2, 1.0))
+    layers = [LayerPlan("a", "Conv", list(options)), LayerPlan("b", "Conv", list(options))]
+    path = [Step(10.0, 0, [0, 0]), Step(8.0, 0, [1, 0]), Step(6.0, 0, [1, 1])]
+    path += [Step(5.0, 0, [2, 1]), Step(4.0, 0, [2, 2])]
+    trials = []
+
+    def trial(step):
+        trials.append(step)
+        return None, 9.0  # a and b each ran twice as slow as the table said
+
+    original = ({"a": 4.0, "b": 4.0}, 2.0)
+    in_place = InPlace(layers, original, 10.0, lambda model: ({"a": 4.0, "b": 4.0}, 1.0), trial)
+    in_place.warm_up(path, 1)  # the first plan: step 1 (8 ms); the trial: <= 8 / 1.25 ms
+    assert trials == [path[2]] and path[2].ms <= path[1].ms / WARM_UP_BEYOND
+    assert in_place.learned and in_place.factor == {"a": 2.0, "b": 2.0}
+    assert in_place.predict(path[1]) == 10.0 - 4.0 + 2.0 * 2.0 - 1.0  # the rest: 2 -> 1 ms
+    in_place.warm_up(path, 3)
+    assert len(trials) == 1
+    # nothing past the last step: no trial
+    fresh = InPlace(layers, original, 10.0, lambda model: ({}, 0.0), trial)
+    fresh.warm_up(path, len(path) - 1)
+    assert len(trials) == 1 and not fresh.learned
+
+
 def test_planner_times_on_calibration_inputs_when_it_has_them():
     from onnx_lowrank.auto import timing_feeds
 
