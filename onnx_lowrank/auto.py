@@ -30,7 +30,16 @@ from .passes import CONV_PASSES
 from .passes.base import ConvLayer, read_conv
 from .passes.gemm import FcSVDPass, read_fc
 from .passes.monochromatic import MAX_COLOR_CHANNELS
-from .plan import MAC_CUTS, LayerPlan, Option, Plan, allocate, apply_step, fastest_within_error
+from .plan import (
+    MAC_CUTS,
+    LayerPlan,
+    Option,
+    Plan,
+    Step,
+    allocate,
+    apply_step,
+    fastest_within_error,
+)
 from .profile import kernel_times, layer_times, node_times
 
 log = logging.getLogger(__name__)
@@ -278,16 +287,19 @@ def plan_for_target(
 
 
 class InPlace:
-    """What the plans built so far taught about the latency model, per layer.
+    """What the plans built so far taught about the latency model.
 
     The table times each chain alone; inside the model a chain can run slower or faster (its
     weights evicted from the cache by the other layers, or kept hot in a small compressed
-    model), and the rest of the graph changes a little with the layouts the chains leave.
-    After each plan is built and timed, onnxruntime's profile of it gives each factored
-    layer's time in place: a layer's options are then scaled by (in-place / table) of the
-    option that ran, and the rest of the graph by its change. `predict(step)` is what the
-    planner expects of a step before building it. `warm_up` learns from a quick trial build
-    before the first plan, so that plan gets a corrected prediction too."""
+    model), and the rest of the graph changes with the layouts the chains leave. After each
+    plan is built and timed, onnxruntime's profile of it gives each factored layer's time in
+    place: that layer's options are then scaled by (in-place / table) of the option that ran.
+    `predict(step)` is what the planner expects of a step before building it: the measured
+    time of the nearest step built so far, plus the (scaled) differences of the layers whose
+    choice differs. Anchoring on a measurement keeps what no per-layer model sees (the rest of
+    the graph, the session's per-run cost, the profiler's per-kernel cost) out of the
+    prediction, which matters most in models that run in tens of microseconds. `warm_up`
+    learns from a quick trial build before the first plan, so that one is predicted so too."""
 
     def __init__(
         self, layers: list[LayerPlan], original: tuple, baseline_ms: float, profile, trial=None
@@ -295,54 +307,58 @@ class InPlace:
         inside, other = original
         total = sum(inside.values()) + other
         self.scale = baseline_ms / total if total > 0 else 1.0
-        self.layers, self.baseline, self.original = layers, baseline_ms, original
+        self.layers = layers
         self.profile = profile  # model -> (ms per layer, ms of the rest), as `original`
         # step -> (model, measured ms): the step's architecture built fast (weight-only fits)
         self.trial = trial
         self.factor = {layer.node: 1.0 for layer in layers}
-        self.other_delta, self.learned = 0.0, False
+        # (step, measured ms) of the original and of every build learned from
+        self.built: list[tuple] = [(Step(baseline_ms, 0.0, [0] * len(layers)), baseline_ms)]
+
+    @property
+    def learned(self) -> bool:
+        return len(self.built) > 1
 
     def warm_up(self, path, index: int) -> None:
         """Learn from a trial build of a step past `path[index]` (predicted WARM_UP_BEYOND x
-        faster, or the last step) before `path[index]` itself is built. Further along the
-        greedy path every layer is factored at least as far, so each layer the first plan
-        factors has a learned factor; only the architecture matters for timing, so the trial
-        uses weight-only fits whatever the plan's fit."""
-        if self.trial is None or self.learned or index >= len(path) - 1:
+        faster, or the last step; when `index` is the last, the step before it) before
+        `path[index]` itself is built. Further along the greedy path every layer is factored
+        at least as far, so each layer the first plan factors gets a learned factor. Only
+        the architecture matters for timing: the trial uses weight-only fits."""
+        if self.trial is None or self.learned or len(path) < 2:
             return
-        faster = path[index].ms / WARM_UP_BEYOND
-        later = next((i for i in range(index + 1, len(path)) if path[i].ms <= faster), None)
-        step = path[later if later is not None else len(path) - 1]
-        model, measured_ms = self.trial(step)
-        self.learn(step, model, measured_ms)
+        here = path[index].ms
+        if index < len(path) - 1:
+            later = (i for i in range(index + 1, len(path)) if path[i].ms <= here / WARM_UP_BEYOND)
+            pick = next(later, len(path) - 1)
+        else:  # the step before: one layer's move from it is all the prediction adds
+            pick = index - 1 if index > 1 else index
+        model, measured_ms = self.trial(path[pick])
+        self.learn(path[pick], model, measured_ms)
 
     def predict(self, step) -> float:
-        ms = self.baseline
-        for layer, choice in zip(self.layers, step.choices):
-            if choice:
-                option = layer.options[choice]
-                ms -= layer.options[0].ms - option.ms * self.factor[layer.node]
-        return ms + (self.other_delta if any(step.choices) else 0.0)
+        """The nearest built step's measured time, plus the differences in layer cost."""
+        anchor, ms = min(self.built, key=lambda built: abs(built[0].ms - step.ms))
+        for layer, was, now in zip(self.layers, anchor.choices, step.choices):
+            ms += self._cost(layer, now) - self._cost(layer, was)
+        return ms
+
+    def _cost(self, layer: LayerPlan, choice: int) -> float:
+        return layer.options[choice].ms * (self.factor[layer.node] if choice else 1.0)
 
     def learn(self, step, model: onnx.ModelProto, measured_ms: float) -> None:
-        """Update the factors from the in-place profile of `step` built as `model`, which
-        measured `measured_ms` end to end. Each profile is put on the scale of its own
-        model's wall time: the profiler's per-kernel cost weighs more in a model of many
-        small kernels (a chain) than in the original."""
+        """Keep `step`'s measured time and update the factors of the layers it factors from
+        its in-place profile (`model` is the step built). Each profile is put on the scale of
+        its own model's wall time: the profiler's per-kernel cost weighs more in a model of
+        many small kernels (a chain) than in the original."""
         inside, other = self.profile(model)
         total = sum(inside.values()) + other
         scale = measured_ms / total if total > 0 and measured_ms > 0 else self.scale
-        # the rest of the graph, and the layers kept as they are
-        delta = other * scale - self.original[1] * self.scale
         for layer, choice in zip(self.layers, step.choices):
             option = layer.options[choice]
             if choice and option.ms > 0 and inside.get(layer.node, 0) > 0:
                 self.factor[layer.node] = inside[layer.node] * scale / option.ms
-            elif not choice:
-                before = self.original[0].get(layer.node, 0.0) * self.scale
-                delta += inside.get(layer.node, 0.0) * scale - before
-        self.other_delta = delta
-        self.learned = True
+        self.built.append((step, measured_ms))
 
 
 def _meet_speedup(plan: Plan, path, target: float, build, evaluate, in_place=None):

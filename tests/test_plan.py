@@ -183,71 +183,65 @@ def test_fast_models_are_timed_more_often():
     assert MIN_RUNS < runs_for(10.0) < MAX_RUNS
 
 
+def _two_layers():
+    options = [Option(None, None, 0, 0.0, 4.0), Option("m", [8], 0, 0.1, 1.0)]
+    options.append(Option("m", [4], 0, 0.2, 0.5))
+    return [LayerPlan("a", "Conv", list(options)), LayerPlan("b", "Conv", list(options))]
+
+
 def test_in_place_timings_correct_the_prediction():
     """After a plan is built, each factored layer's options are scaled by (in place / table)
-    of the option that ran, and the rest of the graph (with the kept layers) by its change."""
+    of the option that ran, and a step is predicted from the nearest measured one (the
+    original included) plus the differences of the layers whose choice differs."""
     from onnx_lowrank.auto import InPlace
     from onnx_lowrank.plan import Step
 
-    def layer(name):
-        return LayerPlan(
-            name,
-            "Conv",
-            [
-                Option(None, None, 0, 0.0, 4.0),
-                Option("m", [8], 0, 0.1, 1.0),
-                Option("m", [4], 0, 0.2, 0.5),
-            ],
-        )
-
-    layers = [layer("a"), layer("b")]
+    layers = _two_layers()
     original = ({"a": 4.0, "b": 4.0}, 2.0)  # profiled: 10 ms in all, as the baseline
     built = ({"a": 1.5, "b": 3.0}, 1.0)  # a ran 1.5x slower than the table said; b kept
     in_place = InPlace(layers, original, 10.0, lambda model: built)
     step = Step(7.0, 0.01, [1, 0])
-    assert not in_place.learned and in_place.predict(step) == 7.0
+    assert not in_place.learned
     in_place.learn(step, None, 5.5)  # measured as its profile adds up: scale 1
-    assert in_place.factor == {"a": 1.5, "b": 1.0}
-    # the rest: 2 -> 1 ms, kept b: 4 -> 3 ms
-    assert in_place.predict(step) == 10.0 - 4.0 + 1.5 - 2.0 == 5.5
-    assert in_place.predict(Step(0, 0, [2, 2])) == 10.0 - 3.5 - 3.5 + 0.25 - 2.0
-    assert in_place.predict(Step(0, 0, [0, 0])) == 10.0
+    assert in_place.learned and in_place.factor == {"a": 1.5, "b": 1.0}
+    assert in_place.predict(step) == 5.5  # its own measurement
+    # from the 5.5 ms measured: a 1.0 -> 0.5 table ms (x 1.5), b 4.0 -> 0.5 (not learned: x 1)
+    assert in_place.predict(Step(4.0, 0, [2, 2])) == 5.5 + (0.5 - 1.0) * 1.5 + (0.5 - 4.0)
+    assert in_place.predict(Step(9.5, 0, [0, 0])) == 10.0  # nearest: the original
     # the same profile from a model that measured 4.4 ms: every part of it weighs 0.8
-    in_place.learn(step, None, 4.4)
-    assert abs(in_place.factor["a"] - 1.2) < 1e-12
-    assert abs(in_place.predict(step) - 4.4) < 1e-12
+    fresh = InPlace(_two_layers(), original, 10.0, lambda model: built)
+    fresh.learn(step, None, 4.4)
+    assert abs(fresh.factor["a"] - 1.2) < 1e-12 and fresh.predict(step) == 4.4
 
 
 def test_a_trial_build_corrects_the_first_plan_too():
     """Before the first plan is built, a trial build of a step further along the path (every
     layer factored at least as far) teaches the factors, so the first plan has a corrected
-    prediction as well; the trial is built once."""
+    prediction as well; the trial is built once, and from an earlier step when the first
+    plan is the path's last."""
     from onnx_lowrank.auto import WARM_UP_BEYOND, InPlace
     from onnx_lowrank.plan import Step
 
-    options = [Option(None, None, 0, 0.0, 4.0), Option("m", [8], 0, 0.1, 2.0)]
-    options.append(Option("m", [4], 0, 0.2, 1.0))
-    layers = [LayerPlan("a", "Conv", list(options)), LayerPlan("b", "Conv", list(options))]
-    path = [Step(10.0, 0, [0, 0]), Step(8.0, 0, [1, 0]), Step(6.0, 0, [1, 1])]
+    path = [Step(10.0, 0, [0, 0]), Step(7.5, 0, [1, 0]), Step(6.0, 0, [1, 1])]
     path += [Step(5.0, 0, [2, 1]), Step(4.0, 0, [2, 2])]
     trials = []
 
     def trial(step):
         trials.append(step)
-        return None, 9.0  # a and b each ran twice as slow as the table said
+        return None, 5.0  # a and b each ran twice as slow as the table said
 
     original = ({"a": 4.0, "b": 4.0}, 2.0)
-    in_place = InPlace(layers, original, 10.0, lambda model: ({"a": 4.0, "b": 4.0}, 1.0), trial)
-    in_place.warm_up(path, 1)  # the first plan: step 1 (8 ms); the trial: <= 8 / 1.25 ms
+    profile = lambda model: ({"a": 2.0, "b": 2.0}, 1.0)  # noqa: E731
+    in_place = InPlace(_two_layers(), original, 10.0, profile, trial)
+    in_place.warm_up(path, 1)  # the first plan: step 1 (7.5 ms); the trial: <= 6 ms
     assert trials == [path[2]] and path[2].ms <= path[1].ms / WARM_UP_BEYOND
     assert in_place.learned and in_place.factor == {"a": 2.0, "b": 2.0}
-    assert in_place.predict(path[1]) == 10.0 - 4.0 + 2.0 * 2.0 - 1.0  # the rest: 2 -> 1 ms
+    assert in_place.predict(path[1]) == 5.0 + (4.0 - 1.0 * 2.0)  # b back to its original
     in_place.warm_up(path, 3)
     assert len(trials) == 1
-    # nothing past the last step: no trial
-    fresh = InPlace(layers, original, 10.0, lambda model: ({}, 0.0), trial)
-    fresh.warm_up(path, len(path) - 1)
-    assert len(trials) == 1 and not fresh.learned
+    last = InPlace(_two_layers(), original, 10.0, profile, trial)
+    last.warm_up(path, len(path) - 1)  # nothing past the last step: the one before it
+    assert trials[1] == path[3] and last.learned
 
 
 def test_planner_times_on_calibration_inputs_when_it_has_them():
