@@ -74,3 +74,33 @@ def test_table_times_every_kernel_of_a_chain():
         sess.run(None, x)
     wall = (time.perf_counter() - start) / 10 * 1e3
     assert 0.3 * wall < kernels <= 1.5 * wall
+
+
+def test_bench_times_each_model_warm_in_alternating_blocks(monkeypatch):
+    """Each model runs in blocks of consecutive runs, models alternating A B B A; a block's
+    first run (just after the other model ran: cold caches) is not counted."""
+    import time
+
+    from onnx_lowrank import bench as bench_module
+
+    order, last = [], [None]
+
+    class FakeSession:
+        def __init__(self, name):
+            self.name = name
+
+        def run(self, outputs, feed):
+            cold = last[0] not in (None, self.name)
+            last[0] = self.name
+            order.append(self.name)
+            time.sleep(0.02 if cold else 0.001)
+
+    names = iter("AB")
+    monkeypatch.setattr(bench_module, "session", lambda *a, **k: FakeSession(next(names)))
+    model = _two_layer_model()
+    result = bench_module.bench([model, model], runs=8, warmup=1)
+    assert result["block"] == bench_module.block_size(8) == 2
+    assert all(ms < 10 for ms in result["median_ms"])  # the 20 ms cold runs are not counted
+    timed = "".join(order[2:])  # after one warm-up run each
+    assert timed == "AAA" "BBB" "BBB" "AAA" "AAA" "BBB" "BBB" "AAA"
+    assert bench_module.block_size(20) == 5 and bench_module.block_size(1000) == 10
