@@ -519,12 +519,6 @@ def run_planner(pinned: onnx.ModelProto, config: OptimizeConfig, data, build):
     With calibration data, every timing and profile runs on calibration inputs."""
     feeds = timing_feeds(data, config)
     feed = feeds[0] if feeds else None
-    table = LatencyTable(config.provider, config.threads)
-    overhead = table.overhead  # measured once per machine, kept in the table
-
-    def profiled(model):
-        return _profiled(model, names, config, feed, overhead)
-
     if config.plan_path:
         try:
             plan = Plan.load(config.plan_path)
@@ -532,15 +526,17 @@ def run_planner(pinned: onnx.ModelProto, config: OptimizeConfig, data, build):
             raise LowRankError(f"{config.plan_path}: not a readable plan ({exc})") from None
         built = build(pinned, config, data, plan.choices())
         names = [layer.node for layer in plan.layers]
-        profile_layers(plan, profiled(pinned), profiled(built[0]))
-        table.save()
+        profile_layers(
+            plan, _profiled(pinned, names, config, feed), _profiled(built[0], names, config, feed)
+        )
         return plan, built
+    table = LatencyTable(config.provider, config.threads)
     layers = layer_options(pinned, config, table, data=data)
     data_errors = data is not None and data.calibration.fit == "data"
     runs = runs_for(timed([pinned], config, feeds=feeds)["median_ms"][0])
     baseline = timed([pinned], config, runs, feeds)["median_ms"][0]
     names = [layer.node for layer in layers]
-    original = profiled(pinned)  # for the prediction and the report
+    original = _profiled(pinned, names, config, feed)  # for the prediction and the report
     scaled = _scale_to_model(layers, original, baseline)
     quality = _Quality(pinned, config)
 
@@ -555,7 +551,9 @@ def run_planner(pinned: onnx.ModelProto, config: OptimizeConfig, data, build):
         model = build(pinned, config, None, Plan(layers, baseline).choices())[0]
         return model, baseline / measure_speedup(pinned, model, config, runs, feeds)
 
-    in_place = InPlace(layers, original, baseline, profiled, trial)
+    in_place = InPlace(
+        layers, original, baseline, lambda m: _profiled(m, names, config, feed), trial
+    )
     plan, built = plan_for_target(layers, baseline, config, build_plan, evaluate, in_place)
     plan.notes.append(
         f"{scaled} of {len(layers)} layers' timings scaled to their profiled share of the model"
@@ -564,27 +562,17 @@ def run_planner(pinned: onnx.ModelProto, config: OptimizeConfig, data, build):
         plan.notes.append("conv errors: relative output error on calibration input patches")
     if feeds:
         plan.notes.append("timed on calibration inputs")
-    profile_layers(plan, original, profiled(built[0]))
+    profile_layers(plan, original, _profiled(built[0], names, config, feed))
     return plan, built
 
 
 def _profiled(
-    model,
-    names: list[str],
-    config: OptimizeConfig,
-    feed: dict | None = None,
-    overhead: float = 0.0,
+    model, names: list[str], config: OptimizeConfig, feed: dict | None = None
 ) -> tuple[dict[str, float], float]:
     """Each named layer's time inside `model` and the rest of the graph's, from onnxruntime's
-    profiler less its `overhead` per kernel; on `feed` when given."""
+    profiler (which adds a little per-kernel overhead); on `feed` when given."""
     kernels = kernel_times(
-        model,
-        config.provider,
-        config.batch,
-        config.threads,
-        seed=config.seed,
-        feed=feed,
-        overhead=overhead,
+        model, config.provider, config.batch, config.threads, seed=config.seed, feed=feed
     )
     return layer_times(node_times(model, kernels), names)
 

@@ -23,7 +23,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from .cost import ConvShape
-from .profile import kernel_times, profiler_overhead
+from .profile import kernel_times
 
 CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "onnx-lowrank")
 EDGE_KERNELS = ("ReorderInput", "ReorderOutput")  # layout changes at a one-layer model's edges
@@ -80,17 +80,12 @@ def chain_model(ops: list, in_shape: tuple[int, ...], seed: int = 0) -> onnx.Mod
 
 
 def kernel_time(
-    model: onnx.ModelProto,
-    provider: str,
-    threads: int | None,
-    runs: int = 15,
-    overhead: float = 0.0,
+    model: onnx.ModelProto, provider: str, threads: int | None, runs: int = 15
 ) -> float:
-    """Milliseconds per run of the model's own kernels (onnxruntime's profiler, less its
-    `overhead` per kernel): without the per-call overhead and the layout reorders at the
-    model's edges, which a layer inside a whole model does not pay, and which would make small
-    chains look slow next to the layer."""
-    times = kernel_times(model, provider, threads=threads, runs=runs, overhead=overhead)
+    """Milliseconds per run of the model's own kernels (onnxruntime's profiler): without the
+    per-call overhead and the layout reorders at the model's edges, which a layer inside a
+    whole model does not pay, and which would make small chains look slow next to the layer."""
+    times = kernel_times(model, provider, threads=threads, runs=runs)
     return sum(ms for kernel, ms in times.items() if not kernel.startswith(EDGE_KERNELS))
 
 
@@ -105,7 +100,7 @@ class LatencyTable:
         runs: int = 15,
     ):
         self.provider, self.threads, self.runs = provider, threads, runs
-        ident = f"{machine_id()}|{provider}|kernel time less the profiler's, all kernels"
+        ident = f"{machine_id()}|{provider}|kernel time, all kernels"
         self.path = None
         if cache_dir:
             digest = hashlib.sha1(ident.encode()).hexdigest()[:12]
@@ -140,17 +135,7 @@ class LatencyTable:
             return self.entries[key]
         self.misses += 1
         model = chain_model(ops, in_shape)
-        self.entries[key] = kernel_time(
-            model, self.provider, self.threads, self.runs, self.overhead
-        )
-        return self.entries[key]
-
-    @property
-    def overhead(self) -> float:
-        """The profiler's cost per recorded kernel here (measured once, kept in the table)."""
-        key = f"profiler overhead;threads={self.threads or 0}"
-        if key not in self.entries:
-            self.entries[key] = profiler_overhead(self.provider, self.threads)
+        self.entries[key] = kernel_time(model, self.provider, self.threads, self.runs)
         return self.entries[key]
 
     def save(self) -> None:

@@ -33,10 +33,8 @@ def kernel_times(
     runs: int = 30,
     seed: int = 0,
     feed: dict | None = None,
-    overhead: float = 0.0,
 ) -> dict[str, float]:
-    """Median milliseconds per run of every kernel onnxruntime ran, by its profiled name,
-    less `overhead` per kernel run (the profiler's own cost: `profiler_overhead`).
+    """Median milliseconds per run of every kernel onnxruntime ran, by its profiled name.
     `batch` sets the random inputs' first dim (None: a free one is 1, a fixed one stays);
     `feed` gives real inputs instead."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -54,45 +52,10 @@ def kernel_times(
         if event.get("cat") == "Node" and name.endswith("_kernel_time"):
             durations[name[: -len("_kernel_time")]].append(event["dur"] / 1000.0)
     # a kernel runs once per run (kernels sharing a name, several times): drop the warm-up
-    times = {}
-    for kernel, values in durations.items():
-        per_run = max(1, len(values) // (runs + 3))
-        times[kernel] = max(0.0, float(np.median(values[-runs:])) - overhead) * per_run
-    return times
-
-
-OVERHEAD_CHAIN = 40  # tiny kernels in the model that measures the profiler's overhead
-
-
-def profiler_overhead(provider: str = "cpu", threads: int | None = None) -> float:
-    """Milliseconds the profiler adds to each kernel it records: a tiny Add's profiled time
-    less what one more tiny Add costs in wall time (the difference between chains of 41 and
-    1). On a 2-core x86 machine every kernel is recorded about 1.8 us longer than it runs
-    (profiled durations are whole microseconds, a tiny Add takes 0.2 us), which a chain of
-    small kernels, or a model of 20 of them, feels and a big conv does not."""
-    from .bench import bench
-
-    short, long = _add_chain(1), _add_chain(OVERHEAD_CHAIN + 1)
-    per_kernel = float(np.median(list(kernel_times(long, provider, threads=threads).values())))
-    walls = bench([short, long], provider, runs=200, threads=threads)["median_ms"]
-    return max(0.0, per_kernel - (walls[1] - walls[0]) / OVERHEAD_CHAIN)
-
-
-def _add_chain(n: int) -> onnx.ModelProto:
-    """x + c + c ... (n Adds) on a (1, 8) tensor: kernels that take almost no time."""
-    nodes, last = [], "x"
-    for i in range(n):
-        nodes.append(onnx.helper.make_node("Add", [last, "c"], [f"t{i}"], name=f"add{i}"))
-        last = f"t{i}"
-    value = onnx.helper.make_tensor_value_info
-    graph = onnx.helper.make_graph(
-        nodes,
-        "profiler_overhead",
-        [value("x", onnx.TensorProto.FLOAT, [1, 8])],
-        [value(last, onnx.TensorProto.FLOAT, [1, 8])],
-        [onnx.numpy_helper.from_array(np.ones((1, 8), np.float32), "c")],
-    )
-    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    return {
+        kernel: float(np.median(values[-runs:])) * max(1, len(values) // (runs + 3))
+        for kernel, values in durations.items()
+    }
 
 
 def node_times(model: onnx.ModelProto, kernels: dict[str, float]) -> dict[str, float]:

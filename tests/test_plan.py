@@ -91,25 +91,6 @@ def test_latency_cache_is_reused_and_keyed_by_provider_and_version(tmp_path, mon
     assert cuda.path != again.path
 
 
-def test_profiler_overhead_is_measured_once_and_taken_off_every_kernel(tmp_path, monkeypatch):
-    """The profiler records each kernel longer than it runs; the table measures that once per
-    machine, keeps it, and takes it off each kernel of the chains it times."""
-    from onnx_lowrank import latency
-    from onnx_lowrank.profile import profiler_overhead
-
-    overhead = profiler_overhead("cpu", threads=1)
-    assert 0.0 <= overhead < 0.02  # ms: microseconds per kernel, not a kernel's whole time
-    calls = []
-    monkeypatch.setattr(latency, "profiler_overhead", lambda *a: calls.append(a) or 0.5)
-    table = LatencyTable("cpu", cache_dir=str(tmp_path), runs=3)
-    assert table.overhead == 0.5 and table.overhead == 0.5 and len(calls) == 1
-    # a tiny chain's kernels all take less than 0.5 ms: nothing is left of them
-    assert table.measure([MatMulShape(16, 8)], (4, 16)) == 0.0
-    table.save()
-    assert LatencyTable("cpu", cache_dir=str(tmp_path), runs=3).overhead == 0.5
-    assert len(calls) == 1
-
-
 def _data_context(model, x):
     calibration = Calibration("cal.npz", size=len(x), fit="data", whiten=True)
     return DataContext(model, Samples({"x": x}), calibration)
