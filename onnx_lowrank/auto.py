@@ -293,7 +293,8 @@ class InPlace:
     weights evicted from the cache by the other layers, or kept hot in a small compressed
     model), and the rest of the graph changes with the layouts the chains leave. After each
     plan is built and timed, onnxruntime's profile of it gives each factored layer's time in
-    place: that layer's options are then scaled by (in-place / table) of the option that ran.
+    place: that layer's options of the same method are then scaled by (in-place / table) of
+    the option that ran.
     `predict(step)` is what the planner expects of a step before building it: the measured
     time of the nearest step built so far, plus the (scaled) differences of the layers whose
     choice differs. Anchoring on a measurement keeps what no per-layer model sees (the rest of
@@ -311,7 +312,9 @@ class InPlace:
         self.profile = profile  # model -> (ms per layer, ms of the rest), as `original`
         # step -> (model, measured ms): the step's architecture built fast (weight-only fits)
         self.trial = trial
-        self.factor = {layer.node: 1.0 for layer in layers}
+        # (layer, method) -> in-place / table time: a chain's behaviour in the model (its
+        # weights' footprint, its kernels' count) depends on the method more than on the rank
+        self.factor: dict[tuple[str, str], float] = {}
         # (step, measured ms) of the original and of every build learned from
         self.built: list[tuple] = [(Step(baseline_ms, 0.0, [0] * len(layers)), baseline_ms)]
 
@@ -320,31 +323,50 @@ class InPlace:
         return len(self.built) > 1
 
     def warm_up(self, path, index: int) -> None:
-        """Learn from a trial build of a step past `path[index]` (predicted WARM_UP_BEYOND x
-        faster, or the last step; when `index` is the last, the step before it) before
-        `path[index]` itself is built. Further along the greedy path every layer is factored
-        at least as far, so each layer the first plan factors gets a learned factor. Only
-        the architecture matters for timing: the trial uses weight-only fits."""
+        """Learn from a trial build of another step before `path[index]` is built: the first
+        step past it that is predicted WARM_UP_BEYOND x faster and keeps the method of every
+        layer it factors (further along the greedy path each layer is factored at least as
+        far, so the first plan's layers and methods all get learned factors); else the next
+        step; when `index` is the last, the one before it. Only the architecture matters for
+        timing: the trial uses weight-only fits."""
         if self.trial is None or self.learned or len(path) < 2:
             return
-        here = path[index].ms
         if index < len(path) - 1:
-            later = (i for i in range(index + 1, len(path)) if path[i].ms <= here / WARM_UP_BEYOND)
-            pick = next(later, len(path) - 1)
-        else:  # the step before: one layer's move from it is all the prediction adds
+            here = path[index]
+            alike = (
+                i
+                for i in range(index + 1, len(path))
+                if path[i].ms <= here.ms / WARM_UP_BEYOND and self._same_methods(here, path[i])
+            )
+            pick = next(alike, index + 1)
+        else:
             pick = index - 1 if index > 1 else index
         model, measured_ms = self.trial(path[pick])
         self.learn(path[pick], model, measured_ms)
 
+    def _same_methods(self, step, other) -> bool:
+        """Does `other` factor every layer `step` factors, with the same method?"""
+        for layer, mine, theirs in zip(self.layers, step.choices, other.choices):
+            if mine and layer.options[theirs].method != layer.options[mine].method:
+                return False
+        return True
+
     def predict(self, step) -> float:
-        """The nearest built step's measured time, plus the differences in layer cost."""
-        anchor, ms = min(self.built, key=lambda built: abs(built[0].ms - step.ms))
+        """The nearest built step's measured time (nearest: fewest layers whose choice
+        differs, then nearest in table time), plus the differences in layer cost."""
+
+        def distance(built) -> tuple:
+            differ = sum(a != b for a, b in zip(built[0].choices, step.choices))
+            return differ, abs(built[0].ms - step.ms)
+
+        anchor, ms = min(self.built, key=distance)
         for layer, was, now in zip(self.layers, anchor.choices, step.choices):
             ms += self._cost(layer, now) - self._cost(layer, was)
         return ms
 
     def _cost(self, layer: LayerPlan, choice: int) -> float:
-        return layer.options[choice].ms * (self.factor[layer.node] if choice else 1.0)
+        option = layer.options[choice]
+        return option.ms * (self.factor.get((layer.node, option.method), 1.0) if choice else 1.0)
 
     def learn(self, step, model: onnx.ModelProto, measured_ms: float) -> None:
         """Keep `step`'s measured time and update the factors of the layers it factors from
@@ -357,7 +379,7 @@ class InPlace:
         for layer, choice in zip(self.layers, step.choices):
             option = layer.options[choice]
             if choice and option.ms > 0 and inside.get(layer.node, 0) > 0:
-                self.factor[layer.node] = inside[layer.node] * scale / option.ms
+                self.factor[layer.node, option.method] = inside[layer.node] * scale / option.ms
         self.built.append((step, measured_ms))
 
 

@@ -185,14 +185,15 @@ def test_fast_models_are_timed_more_often():
 
 def _two_layers():
     options = [Option(None, None, 0, 0.0, 4.0), Option("m", [8], 0, 0.1, 1.0)]
-    options.append(Option("m", [4], 0, 0.2, 0.5))
+    options.append(Option("n", [4], 0, 0.2, 0.5))  # another method
     return [LayerPlan("a", "Conv", list(options)), LayerPlan("b", "Conv", list(options))]
 
 
 def test_in_place_timings_correct_the_prediction():
     """After a plan is built, each factored layer's options are scaled by (in place / table)
-    of the option that ran, and a step is predicted from the nearest measured one (the
-    original included) plus the differences of the layers whose choice differs."""
+    of the option that ran (for that method only), and a step is predicted from the nearest
+    measured one (the original included) plus the differences of the layers whose choice
+    differs."""
     from onnx_lowrank.auto import InPlace
     from onnx_lowrank.plan import Step
 
@@ -203,15 +204,16 @@ def test_in_place_timings_correct_the_prediction():
     step = Step(7.0, 0.01, [1, 0])
     assert not in_place.learned
     in_place.learn(step, None, 5.5)  # measured as its profile adds up: scale 1
-    assert in_place.learned and in_place.factor == {"a": 1.5, "b": 1.0}
+    assert in_place.learned and in_place.factor == {("a", "m"): 1.5}
     assert in_place.predict(step) == 5.5  # its own measurement
-    # from the 5.5 ms measured: a 1.0 -> 0.5 table ms (x 1.5), b 4.0 -> 0.5 (not learned: x 1)
-    assert in_place.predict(Step(4.0, 0, [2, 2])) == 5.5 + (0.5 - 1.0) * 1.5 + (0.5 - 4.0)
+    # from the 5.5 ms measured: a 1.0 (x 1.5) -> 0.5 ms of another method (not learned: x 1),
+    # b 4.0 -> 0.5
+    assert in_place.predict(Step(4.0, 0, [2, 2])) == 5.5 + (0.5 - 1.0 * 1.5) + (0.5 - 4.0)
     assert in_place.predict(Step(9.5, 0, [0, 0])) == 10.0  # nearest: the original
     # the same profile from a model that measured 4.4 ms: every part of it weighs 0.8
     fresh = InPlace(_two_layers(), original, 10.0, lambda model: built)
     fresh.learn(step, None, 4.4)
-    assert abs(fresh.factor["a"] - 1.2) < 1e-12 and fresh.predict(step) == 4.4
+    assert abs(fresh.factor["a", "m"] - 1.2) < 1e-12 and fresh.predict(step) == 4.4
 
 
 def test_a_trial_build_corrects_the_first_plan_too():
@@ -235,7 +237,7 @@ def test_a_trial_build_corrects_the_first_plan_too():
     in_place = InPlace(_two_layers(), original, 10.0, profile, trial)
     in_place.warm_up(path, 1)  # the first plan: step 1 (7.5 ms); the trial: <= 6 ms
     assert trials == [path[2]] and path[2].ms <= path[1].ms / WARM_UP_BEYOND
-    assert in_place.learned and in_place.factor == {"a": 2.0, "b": 2.0}
+    assert in_place.learned and in_place.factor == {("a", "m"): 2.0, ("b", "m"): 2.0}
     assert in_place.predict(path[1]) == 5.0 + (4.0 - 1.0 * 2.0)  # b back to its original
     in_place.warm_up(path, 3)
     assert len(trials) == 1
