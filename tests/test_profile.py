@@ -102,5 +102,5 @@ def test_bench_times_each_model_warm_in_alternating_blocks(monkeypatch):
     assert result["block"] == bench_module.block_size(8) == 2
     assert all(ms < 10 for ms in result["median_ms"])  # the 20 ms cold runs are not counted
     timed = "".join(order[2:])  # after one warm-up run each
-    assert timed == "AAA" "BBB" "BBB" "AAA" "AAA" "BBB" "BBB" "AAA"
+    assert timed == "AAABBBBBBAAAAAABBBBBBAAA"
     assert bench_module.block_size(20) == 5 and bench_module.block_size(1000) == 10
