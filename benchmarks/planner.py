@@ -60,6 +60,7 @@ def latency_errors(plan) -> dict:
     return {
         "prediction_error": abs(plan.predicted_ms - measured) / measured if measured else None,
         "corrected_ms": corrected,
+        "corrected_from_layers_changed": plan.corrected_changed,
         "corrected_error": abs(corrected - measured) / measured if measured and corrected else None,
     }
 

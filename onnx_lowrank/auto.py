@@ -317,6 +317,7 @@ class InPlace:
         self.factor: dict[tuple[str, str], float] = {}
         # (step, measured ms) of the original and of every build learned from
         self.built: list[tuple] = [(Step(baseline_ms, 0.0, [0] * len(layers)), baseline_ms)]
+        self.changed = 0  # layers the last prediction changed from its anchor
 
     @property
     def learned(self) -> bool:
@@ -360,6 +361,7 @@ class InPlace:
             return differ, abs(built[0].ms - step.ms)
 
         anchor, ms = min(self.built, key=distance)
+        self.changed = distance((anchor, ms))[0]
         for layer, was, now in zip(self.layers, anchor.choices, step.choices):
             ms += self._cost(layer, now) - self._cost(layer, was)
         return ms
@@ -399,14 +401,14 @@ def _meet_speedup(plan: Plan, path, target: float, build, evaluate, in_place=Non
             )
     measured: dict[int, tuple[float, tuple]] = {}
 
-    corrected: dict[int, float | None] = {}
+    corrected: dict[int, tuple] = {}
 
     def speedup_at(index: int) -> float:
         if index not in measured:
             corrected[index] = _corrected(in_place, path[index])
             apply_step(plan.layers, path[index])
             built = build(plan)
-            result = _evaluate(plan, path[index], built, evaluate, corrected[index])
+            result = _evaluate(plan, path[index], built, evaluate, *corrected[index])
             measured[index] = (result["speedup"], built)
             if in_place is not None:
                 in_place.learn(path[index], built[0], plan.baseline_ms / result["speedup"])
@@ -427,7 +429,7 @@ def _meet_speedup(plan: Plan, path, target: float, build, evaluate, in_place=Non
     apply_step(plan.layers, path[best])
     speedup, built = measured[best]
     plan.measured_ms = plan.baseline_ms / speedup
-    plan.corrected_ms = corrected[best]
+    plan.corrected_ms, plan.corrected_changed = corrected[best]
     if speedup < target:
         plan.notes.append(f"target {target:g}x not met: best measured {speedup:.2f}x")
     return plan, built
@@ -444,7 +446,7 @@ def _meet_quality(plan: Plan, path, kind: str, limit: float, build, evaluate, in
         corrected = _corrected(in_place, path[mid])
         apply_step(plan.layers, path[mid])
         built = build(plan)
-        result = _evaluate(plan, path[mid], built, evaluate, corrected)
+        result = _evaluate(plan, path[mid], built, evaluate, *corrected)
         if in_place is not None:
             in_place.learn(path[mid], built[0], plan.baseline_ms / result["speedup"])
         loss = result[kind]
@@ -456,23 +458,30 @@ def _meet_quality(plan: Plan, path, kind: str, limit: float, build, evaluate, in
     if best is None:
         raise LowRankError(f"no plan keeps the {kind} within {limit:g}")
     apply_step(plan.layers, path[best[0]])
-    plan.measured_ms, plan.corrected_ms = best[3], best[4]
+    plan.measured_ms, (plan.corrected_ms, plan.corrected_changed) = best[3], best[4]
     plan.notes.append(f"{kind} {best[2]:.4g} within {limit:g}")
     return plan, best[1]
 
 
-def _corrected(in_place, step) -> float | None:
-    """The in-place prediction of a step about to be built (None before anything was)."""
-    return in_place.predict(step) if in_place is not None and in_place.learned else None
+def _corrected(in_place, step) -> tuple[float | None, int | None]:
+    """The in-place prediction of a step about to be built, and how many layers' choices it
+    changed from the measured plan it started from (0: that architecture was measured, as a
+    trial); (None, None) before anything was built."""
+    if in_place is None or not in_place.learned:
+        return None, None
+    return in_place.predict(step), in_place.changed
 
 
-def _evaluate(plan: Plan, step, built, evaluate, corrected: float | None = None) -> dict:
+def _evaluate(
+    plan: Plan, step, built, evaluate, corrected: float | None = None, changed: int | None = None
+) -> dict:
     """Measure a built plan and keep the point for the report and the Pareto chart."""
     result = evaluate(built[0])
     plan.trace.append(
         {
             "predicted_ms": step.ms,
             "corrected_ms": corrected,
+            "corrected_from_layers_changed": changed,
             "measured_ms": plan.baseline_ms / result["speedup"],
             "error": float(np.sqrt(step.error2)),
             **result,

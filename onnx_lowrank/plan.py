@@ -68,6 +68,9 @@ class Plan:
     # the prediction made just before the chosen plan was built, corrected by the in-place
     # timings of the plans built before it (None: it was the first one built)
     corrected_ms: float | None = None
+    # layers whose choice differs from the measured plan that prediction started from (0: the
+    # trial build before the first plan measured this very architecture)
+    corrected_changed: int | None = None
 
     @property
     def predicted_ms(self) -> float:

@@ -278,11 +278,14 @@ def plan_table(plan) -> Table:
         if plan.measured_ms
         else ""
     )
-    corrected = (
-        f" ({plan.corrected_ms:.3f} ms after the in-place timings of the plans built before it)"
-        if plan.corrected_ms
-        else ""
-    )
+    corrected = ""
+    if plan.corrected_ms:
+        source = (
+            "its architecture's trial build"
+            if plan.corrected_changed == 0
+            else "the in-place timings of the plans built before it"
+        )
+        corrected = f" ({plan.corrected_ms:.3f} ms after {source})"
     table.caption = (
         f"model: {plan.baseline_ms:.3f} ms, predicted {plan.predicted_ms:.3f} ms "
         f"({plan.predicted_speedup:.2f}x){corrected}{measured}"

@@ -205,10 +205,11 @@ def test_in_place_timings_correct_the_prediction():
     assert not in_place.learned
     in_place.learn(step, None, 5.5)  # measured as its profile adds up: scale 1
     assert in_place.learned and in_place.factor == {("a", "m"): 1.5}
-    assert in_place.predict(step) == 5.5  # its own measurement
+    assert in_place.predict(step) == 5.5 and in_place.changed == 0  # its own measurement
     # from the 5.5 ms measured: a 1.0 (x 1.5) -> 0.5 ms of another method (not learned: x 1),
     # b 4.0 -> 0.5
     assert in_place.predict(Step(4.0, 0, [2, 2])) == 5.5 + (0.5 - 1.0 * 1.5) + (0.5 - 4.0)
+    assert in_place.changed == 2
     assert in_place.predict(Step(9.5, 0, [0, 0])) == 10.0  # nearest: the original
     # the same profile from a model that measured 4.4 ms: every part of it weighs 0.8
     fresh = InPlace(_two_layers(), original, 10.0, lambda model: built)
