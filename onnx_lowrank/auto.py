@@ -353,15 +353,19 @@ class InPlace:
         return True
 
     def predict(self, step) -> float:
-        """The nearest built step's measured time (nearest: fewest layers whose choice
-        differs, then nearest in table time), plus the differences in layer cost."""
+        """The nearest built step's measured time plus the differences in layer cost; the
+        nearest is the one that leaves the least to predict (the smallest sum of the layers'
+        absolute cost differences), so a far step whose layers all match but one does not win
+        over a near one that differs a little in two."""
 
-        def distance(built) -> tuple:
-            differ = sum(a != b for a, b in zip(built[0].choices, step.choices))
-            return differ, abs(built[0].ms - step.ms)
+        def to_predict(built) -> float:
+            pairs = zip(self.layers, built[0].choices, step.choices)
+            return sum(
+                abs(self._cost(layer, now) - self._cost(layer, was)) for layer, was, now in pairs
+            )
 
-        anchor, ms = min(self.built, key=distance)
-        self.changed = distance((anchor, ms))[0]
+        anchor, ms = min(self.built, key=to_predict)
+        self.changed = sum(a != b for a, b in zip(anchor.choices, step.choices))
         for layer, was, now in zip(self.layers, anchor.choices, step.choices):
             ms += self._cost(layer, now) - self._cost(layer, was)
         return ms

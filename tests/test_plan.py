@@ -191,9 +191,9 @@ def _two_layers():
 
 def test_in_place_timings_correct_the_prediction():
     """After a plan is built, each factored layer's options are scaled by (in place / table)
-    of the option that ran (for that method only), and a step is predicted from the nearest
-    measured one (the original included) plus the differences of the layers whose choice
-    differs."""
+    of the option that ran (for that method only), and a step is predicted from the measured
+    one (the original included) that leaves the least to predict, plus the differences of the
+    layers whose choice differs."""
     from onnx_lowrank.auto import InPlace
     from onnx_lowrank.plan import Step
 
@@ -206,8 +206,8 @@ def test_in_place_timings_correct_the_prediction():
     in_place.learn(step, None, 5.5)  # measured as its profile adds up: scale 1
     assert in_place.learned and in_place.factor == {("a", "m"): 1.5}
     assert in_place.predict(step) == 5.5 and in_place.changed == 0  # its own measurement
-    # from the 5.5 ms measured: a 1.0 (x 1.5) -> 0.5 ms of another method (not learned: x 1),
-    # b 4.0 -> 0.5
+    # from the 5.5 ms measured (it leaves 1.0 + 3.5 ms to predict, the original 3.5 + 3.5):
+    # a 1.0 (x 1.5) -> 0.5 ms of another method (not learned: x 1), b 4.0 -> 0.5
     assert in_place.predict(Step(4.0, 0, [2, 2])) == 5.5 + (0.5 - 1.0 * 1.5) + (0.5 - 4.0)
     assert in_place.changed == 2
     assert in_place.predict(Step(9.5, 0, [0, 0])) == 10.0  # nearest: the original
@@ -239,7 +239,9 @@ def test_a_trial_build_corrects_the_first_plan_too():
     in_place.warm_up(path, 1)  # the first plan: step 1 (7.5 ms); the trial: <= 6 ms
     assert trials == [path[2]] and path[2].ms <= path[1].ms / WARM_UP_BEYOND
     assert in_place.learned and in_place.factor == {("a", "m"): 2.0, ("b", "m"): 2.0}
-    assert in_place.predict(path[1]) == 5.0 + (4.0 - 1.0 * 2.0)  # b back to its original
+    assert in_place.predict(path[2]) == 5.0  # the trial's own measurement
+    # from the trial, a moves to another method's 0.5 ms option (not learned: x 1)
+    assert in_place.predict(path[3]) == 5.0 + (0.5 - 1.0 * 2.0) and in_place.changed == 1
     in_place.warm_up(path, 3)
     assert len(trials) == 1
     last = InPlace(_two_layers(), original, 10.0, profile, trial)
