@@ -357,18 +357,17 @@ class InPlace:
         nearest is the one that leaves the least to predict (the smallest sum of the layers'
         absolute cost differences), so a far step whose layers all match but one does not win
         over a near one that differs a little in two."""
-
-        def to_predict(built) -> float:
-            pairs = zip(self.layers, built[0].choices, step.choices)
-            return sum(
-                abs(self._cost(layer, now) - self._cost(layer, was)) for layer, was, now in pairs
-            )
-
-        anchor, ms = min(self.built, key=to_predict)
+        differences = [
+            [
+                self._cost(layer, now) - self._cost(layer, was)
+                for layer, was, now in zip(self.layers, anchor.choices, step.choices)
+            ]
+            for anchor, _ in self.built
+        ]
+        nearest = min(range(len(self.built)), key=lambda i: sum(map(abs, differences[i])))
+        anchor, ms = self.built[nearest]
         self.changed = sum(a != b for a, b in zip(anchor.choices, step.choices))
-        for layer, was, now in zip(self.layers, anchor.choices, step.choices):
-            ms += self._cost(layer, now) - self._cost(layer, was)
-        return ms
+        return ms + sum(differences[nearest])
 
     def _cost(self, layer: LayerPlan, choice: int) -> float:
         option = layer.options[choice]
@@ -404,18 +403,12 @@ def _meet_speedup(plan: Plan, path, target: float, build, evaluate, in_place=Non
                 (i for i, s in enumerate(path) if in_place.predict(s) <= budget), len(path) - 1
             )
     measured: dict[int, tuple[float, tuple]] = {}
-
     corrected: dict[int, tuple] = {}
 
     def speedup_at(index: int) -> float:
         if index not in measured:
-            corrected[index] = _corrected(in_place, path[index])
-            apply_step(plan.layers, path[index])
-            built = build(plan)
-            result = _evaluate(plan, path[index], built, evaluate, *corrected[index])
+            result, built, corrected[index] = _try(plan, path[index], build, evaluate, in_place)
             measured[index] = (result["speedup"], built)
-            if in_place is not None:
-                in_place.learn(path[index], built[0], plan.baseline_ms / result["speedup"])
         return measured[index][0]
 
     lo, hi = 0, len(path) - 1  # invariant: the answer is in [lo, hi]
@@ -447,12 +440,7 @@ def _meet_quality(plan: Plan, path, kind: str, limit: float, build, evaluate, in
         in_place.warm_up(path, hi // 2)
     while lo <= hi:
         mid = (lo + hi) // 2
-        corrected = _corrected(in_place, path[mid])
-        apply_step(plan.layers, path[mid])
-        built = build(plan)
-        result = _evaluate(plan, path[mid], built, evaluate, *corrected)
-        if in_place is not None:
-            in_place.learn(path[mid], built[0], plan.baseline_ms / result["speedup"])
+        result, built, corrected = _try(plan, path[mid], build, evaluate, in_place)
         loss = result[kind]
         if loss <= limit:
             best = (mid, built, loss, plan.baseline_ms / result["speedup"], corrected)
@@ -465,6 +453,18 @@ def _meet_quality(plan: Plan, path, kind: str, limit: float, build, evaluate, in
     plan.measured_ms, (plan.corrected_ms, plan.corrected_changed) = best[3], best[4]
     plan.notes.append(f"{kind} {best[2]:.4g} within {limit:g}")
     return plan, best[1]
+
+
+def _try(plan: Plan, step, build, evaluate, in_place) -> tuple[dict, tuple, tuple]:
+    """Build and measure one step of the path: (evaluation, built, (corrected prediction,
+    layers it changed) made before building); what it measured teaches `in_place`."""
+    corrected = _corrected(in_place, step)
+    apply_step(plan.layers, step)
+    built = build(plan)
+    result = _evaluate(plan, step, built, evaluate, *corrected)
+    if in_place is not None:
+        in_place.learn(step, built[0], plan.baseline_ms / result["speedup"])
+    return result, built, corrected
 
 
 def _corrected(in_place, step) -> tuple[float | None, int | None]:
@@ -504,8 +504,8 @@ def timed(
     runs: int = MIN_RUNS,
     feeds: list[dict] | None = None,
 ) -> dict:
-    """Interleaved latency of the models at the config's provider, batch and threads (on
-    `feeds` when given, else random inputs)."""
+    """Latency of the models side by side (bench.py) at the config's provider, batch and
+    threads (on `feeds` when given, else random inputs)."""
     return bench(
         models,
         config.provider,
@@ -545,7 +545,7 @@ def measure_speedup(
     runs: int = MIN_RUNS,
     feeds: list[dict] | None = None,
 ) -> float:
-    """Interleaved end-to-end speedup of `optimized` over `original`."""
+    """End-to-end speedup of `optimized` over `original`, timed side by side."""
     return timed([original, optimized], config, runs, feeds)["speedup"]
 
 
@@ -554,6 +554,10 @@ def run_planner(pinned: onnx.ModelProto, config: OptimizeConfig, data, build):
     With calibration data, every timing and profile runs on calibration inputs."""
     feeds = timing_feeds(data, config)
     feed = feeds[0] if feeds else None
+
+    def profiled(model) -> tuple[dict[str, float], float]:
+        return _profiled(model, names, config, feed)
+
     if config.plan_path:
         try:
             plan = Plan.load(config.plan_path)
@@ -561,9 +565,7 @@ def run_planner(pinned: onnx.ModelProto, config: OptimizeConfig, data, build):
             raise LowRankError(f"{config.plan_path}: not a readable plan ({exc})") from None
         built = build(pinned, config, data, plan.choices())
         names = [layer.node for layer in plan.layers]
-        profile_layers(
-            plan, _profiled(pinned, names, config, feed), _profiled(built[0], names, config, feed)
-        )
+        profile_layers(plan, profiled(pinned), profiled(built[0]))
         return plan, built
     table = LatencyTable(config.provider, config.threads)
     layers = layer_options(pinned, config, table, data=data)
@@ -571,7 +573,7 @@ def run_planner(pinned: onnx.ModelProto, config: OptimizeConfig, data, build):
     runs = runs_for(timed([pinned], config, feeds=feeds)["median_ms"][0])
     baseline = timed([pinned], config, runs, feeds)["median_ms"][0]
     names = [layer.node for layer in layers]
-    original = _profiled(pinned, names, config, feed)  # for the prediction and the report
+    original = profiled(pinned)  # for the prediction and the report
     scaled = _scale_to_model(layers, original, baseline)
     quality = _Quality(pinned, config)
 
@@ -586,9 +588,7 @@ def run_planner(pinned: onnx.ModelProto, config: OptimizeConfig, data, build):
         model = build(pinned, config, None, Plan(layers, baseline).choices())[0]
         return model, baseline / measure_speedup(pinned, model, config, runs, feeds)
 
-    in_place = InPlace(
-        layers, original, baseline, lambda m: _profiled(m, names, config, feed), trial
-    )
+    in_place = InPlace(layers, original, baseline, profiled, trial)
     plan, built = plan_for_target(layers, baseline, config, build_plan, evaluate, in_place)
     plan.notes.append(
         f"{scaled} of {len(layers)} layers' timings scaled to their profiled share of the model"
@@ -597,7 +597,7 @@ def run_planner(pinned: onnx.ModelProto, config: OptimizeConfig, data, build):
         plan.notes.append("conv errors: relative output error on calibration input patches")
     if feeds:
         plan.notes.append("timed on calibration inputs")
-    profile_layers(plan, original, _profiled(built[0], names, config, feed))
+    profile_layers(plan, original, profiled(built[0]))
     return plan, built
 
 
