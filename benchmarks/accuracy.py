@@ -33,9 +33,11 @@ import onnx
 import onnx_graphsurgeon as gs
 
 import onnx_lowrank as ol
+from onnx_lowrank.api import _pinned_copy, build
 from onnx_lowrank.bench import bench
 from onnx_lowrank.calibrate import load_samples
-from onnx_lowrank.config import Calibration
+from onnx_lowrank.config import Calibration, OptimizeConfig
+from onnx_lowrank.datafit import DataContext
 from onnx_lowrank.graph import infer_shapes
 from onnx_lowrank.passes import CONV_PASSES
 from onnx_lowrank.passes.base import read_conv
@@ -124,6 +126,18 @@ def accuracy(model: onnx.ModelProto, feeds: list, labels: np.ndarray) -> float:
     outputs = run_all(model, feeds)
     predictions = np.concatenate([o[0].reshape(len(o[0]), -1).argmax(1) for o in outputs])
     return float(np.mean(predictions == labels))
+
+
+def build_choices(model: onnx.ModelProto, choices: dict, calibration: Calibration | None):
+    """(model, records) built as a plan's {node: (method, rank)} choices say, as the planner
+    builds it: fitted on `calibration`'s samples when given, weight-only otherwise."""
+    config = OptimizeConfig.from_options(method="auto", check=0, seed=0, calibration=calibration)
+    pinned = _pinned_copy(model, config)
+    data = None
+    if calibration is not None:
+        samples = load_samples(calibration.path, pinned, limit=calibration.size)
+        data = DataContext(pinned, samples, calibration, 0)
+    return build(pinned, config, data, choices)
 
 
 def speedups(original, optimized, runs: int) -> dict:

@@ -20,13 +20,10 @@ import sys
 import numpy as np
 import onnx
 
-from onnx_lowrank.api import _pinned_copy, build
-from onnx_lowrank.calibrate import load_samples
-from onnx_lowrank.config import Calibration, OptimizeConfig
-from onnx_lowrank.datafit import DataContext
+from onnx_lowrank.config import Calibration
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from accuracy import RESULTS, ROOT, accuracy, calibration_file, model_path  # noqa: E402
+from accuracy import RESULTS, ROOT, accuracy, build_choices, calibration_file, model_path  # noqa: E402
 
 C1, C2, C3 = "/conv1/Conv", "/conv2/Conv", "/conv3/Conv"
 PLANS = {
@@ -67,12 +64,7 @@ def main() -> int:
         row = {"plan": label, "choices": {k: [m, list(r)] for k, (m, r) in choices.items()}}
         for fit, options in FITS.items():
             cal = None if options is None else Calibration(cal_path, size=512, **options)
-            config = OptimizeConfig.from_options(method="auto", check=0, seed=0, calibration=cal)
-            pinned = _pinned_copy(model, config)
-            data = None
-            if cal is not None:
-                data = DataContext(pinned, load_samples(cal_path, pinned, limit=512), cal, 0)
-            built, records = build(pinned, config, data, choices)
+            built, records = build_choices(model, choices, cal)
             row[fit] = round(100 * (reference - accuracy(built, feeds, test["y"])), 2)
             if fit == "data + kept refit":
                 row["kept_refits"] = [r.node for r in records if r.fit and "kept, refit" in r.fit]

@@ -27,14 +27,20 @@ import onnx
 
 import onnx_lowrank as ol
 from onnx_lowrank import auto
-from onnx_lowrank.api import _pinned_copy, build
 from onnx_lowrank.bench import bench
 from onnx_lowrank.calibrate import load_samples
-from onnx_lowrank.config import Calibration, OptimizeConfig
-from onnx_lowrank.datafit import DataContext
+from onnx_lowrank.config import Calibration
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from accuracy import CACHE, RESULTS, ROOT, accuracy, calibration_file, model_path  # noqa: E402
+from accuracy import (  # noqa: E402
+    CACHE,
+    RESULTS,
+    ROOT,
+    accuracy,
+    build_choices,
+    calibration_file,
+    model_path,
+)
 
 TARGETS = {"charnet": (2.0, 3.0, 4.0, 6.0, 8.0), "digits": (2.0, 3.0, 4.0)}
 
@@ -126,7 +132,7 @@ HEADER = (
 )
 
 
-def _pct(value: float | None) -> str:
+def pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
@@ -141,14 +147,28 @@ def format_row(r: dict) -> str:
     return (
         f"{r['model']:8} {label(r['target']):13} {r['fit']:7} {r['speedup_planner'] or 0:6.2f}"
         f" {r['speedup_remeasured']:6.2f} {r['mac_speedup']:6.2f} {r['drop']:6.2f}"
-        f" {100 * (pred or 0):7.1f}% {_pct(r.get('corrected_error')):>7} {r['planning_s']:7.1f}"
+        f" {100 * (pred or 0):7.1f}% {pct(r.get('corrected_error')):>7} {r['planning_s']:7.1f}"
         f"  {choices}"
     )
 
 
+def _within_one_point(rows: list[dict]) -> list[dict]:
+    """The charnet rows whose test accuracy drop is at most one point."""
+    return [r for r in rows if "error" not in r and r["model"] == "charnet" and r["drop"] <= 1.0]
+
+
+def _fastest_by_fit(rows: list[dict]) -> dict[str, dict]:
+    """Per fit ("weights", "data") present in `rows`, its row of highest re-measured speedup."""
+    return {
+        fit: max((r for r in rows if r["fit"] == fit), key=lambda r: r["speedup_remeasured"])
+        for fit in ("weights", "data")
+        if any(r["fit"] == fit for r in rows)
+    }
+
+
 def verdict(rows: list[dict]) -> dict:
     """charnet: best re-measured speedup at <= 1 point drop (>= 4.5x) and prediction errors."""
-    ok = [r for r in rows if "error" not in r and r["model"] == "charnet" and r["drop"] <= 1.0]
+    ok = _within_one_point(rows)
     best = max(ok, key=lambda r: r["speedup_remeasured"], default=None)
     errors = [r["prediction_error"] for r in rows if r.get("prediction_error") is not None]
     # the in-place-corrected prediction where there was one, else the table's
@@ -158,11 +178,9 @@ def verdict(rows: list[dict]) -> dict:
         if r.get("prediction_error") is not None
     ]
     reached = best["speedup_remeasured"] if best else 1.0
-    by_fit = {
-        fit: max(
-            (r["speedup_remeasured"] for r in ok if r["fit"] == fit),
-            default=1.0,  # nothing within 1 point: the original model
-        )
+    fastest = _fastest_by_fit(ok)
+    by_fit = {  # nothing within 1 point: the original model
+        fit: fastest[fit]["speedup_remeasured"] if fit in fastest else 1.0
         for fit in ("weights", "data")
     }
     return {
@@ -191,12 +209,7 @@ def side_by_side(rows: list[dict], cal_size: int, threads: int) -> dict | None:
     of each fit, rebuilt from its recorded choices, the two timed against each other in one
     loop (three times, the median kept). Each row's speedup was measured against the
     original in its own run; their quotient mixes two runs' noise."""
-    ok = [r for r in rows if "error" not in r and r["model"] == "charnet" and r["drop"] <= 1.0]
-    best = {
-        fit: max((r for r in ok if r["fit"] == fit), key=lambda r: r["speedup_remeasured"])
-        for fit in ("weights", "data")
-        if any(r["fit"] == fit for r in ok)
-    }
+    best = _fastest_by_fit(_within_one_point(rows))
     if len(best) < 2:
         return None
     ctx = context("charnet", cal_size)
@@ -205,14 +218,8 @@ def side_by_side(rows: list[dict], cal_size: int, threads: int) -> dict | None:
         cal = None
         if fit == "data":
             cal = Calibration(ctx["calibration"], size=cal_size, fit="data")
-        config = OptimizeConfig.from_options(method="auto", check=0, seed=0, calibration=cal)
-        pinned = _pinned_copy(ctx["model"], config)
-        data = None
-        if cal is not None:
-            samples = load_samples(cal.path, pinned, limit=cal.size)
-            data = DataContext(pinned, samples, cal, 0)
         choices = {node: (method, tuple(rank)) for node, (method, rank) in row["choices"].items()}
-        models[fit] = build(pinned, config, data, choices)[0]
+        models[fit] = build_choices(ctx["model"], choices, cal)[0]
         drops[fit] = 100 * (ctx["reference"] - accuracy(models[fit], ctx["feeds"], ctx["labels"]))
     ratios = [
         bench([models["weights"], models["data"]], runs=SIDE_BY_SIDE_RUNS, threads=threads)[

@@ -43,7 +43,7 @@ from onnx_lowrank.config import Calibration
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import real_models as rm  # noqa: E402
-from planner import latency_errors  # noqa: E402
+from planner import latency_errors, pct  # noqa: E402
 from realmodels import fetch, ocr, yolo  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -166,13 +166,11 @@ def format_row(r: dict) -> str:
     else:
         task = f"exact {r['exact']:.2f} CER {r['cer']:.3f}"
     methods = ", ".join(f"{m} {n}" for m, n in r["methods"].items())
-    fixed = r.get("corrected_error")
-    corrected = "-" if fixed is None else f"{100 * fixed:.1f}%"
     return (
         f"{head} plan {r['speedup_planner'] or 0:5.2f}x re {r['speedup_remeasured']:5.2f}x"
         f" (flushed {r['speedup_vs_flushed']:5.2f}x) MACs {r['mac_speedup']:5.2f}x"
         f" pred err {100 * (r['prediction_error'] or 0):5.1f}%"
-        f" (corrected {corrected})"
+        f" (corrected {pct(r.get('corrected_error'))})"
         f"  {task}"
         f"  {r['planning_s']:6.0f}s  {r['factored']}/{r['layers']} layers: {methods}"
     )
