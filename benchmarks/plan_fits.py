@@ -1,14 +1,18 @@
-"""Test-accuracy drop of fixed charnet plans under each fit (no timing, no planning).
+"""Fixed charnet plans: test-accuracy drop under each fit, and measured speedup.
 
 The planner's verdicts mix two things: which plan it picks and how well each layer is fitted.
-This holds the plans fixed (the ones the planner picked at 4x-8x in benchmarks/planner.py runs)
-and builds each with: weight-only fits; weight-only + bias correction; the data fit (sequential
-least-squares refit of each chain's last conv, the default); and the data fit with
-`refit_kept=True` (convs kept as they are refitted to the compressed upstream too).
-Calibration: 512 crops from the training fonts (seed 2024),
-accuracy on samples/charnet/test.npz (unseen fonts).
+This holds the plans fixed — the grid around the planner's best plans at <= 1 point (weight-only:
+separable 32 + 80; data-aware: separable 16 + 32; benchmarks/planner.py), and plans it picked in
+earlier runs — and builds each with: weight-only fits; weight-only + bias correction; the data
+fit (sequential least-squares refit of each chain's last conv, the default); the data fit with
+`refit_kept=True` (convs kept as they are refitted to the compressed upstream too); and the data
+fit on 2,048 crops instead of 512. Each plan's architecture is also timed against the original
+(one `bench` call for all of them, so the speedups are side by side: batch 1 and 32, one
+thread): it shows what a rank cut buys in latency, which is what turns a fit's accuracy into
+speedup. Calibration: crops from the training fonts (seed 2024), accuracy on
+samples/charnet/test.npz (unseen fonts).
 
-    OPENBLAS_NUM_THREADS=1 python benchmarks/plan_fits.py        # about 5 minutes
+    OPENBLAS_NUM_THREADS=1 python benchmarks/plan_fits.py        # about 6 minutes
 """
 
 from __future__ import annotations
@@ -20,34 +24,57 @@ import sys
 import numpy as np
 import onnx
 
+from onnx_lowrank.bench import bench
 from onnx_lowrank.config import Calibration
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from accuracy import RESULTS, ROOT, accuracy, build_choices, calibration_file, model_path  # noqa: E402
 
 C1, C2, C3 = "/conv1/Conv", "/conv2/Conv", "/conv3/Conv"
+
+
+def _sep(conv2: int, conv3: int) -> dict:
+    return {C2: ("separable", (conv2,)), C3: ("separable", (conv3,))}
+
+
 PLANS = {
-    "sep32 + sep80 (~4.5x)": {C2: ("separable", (32,)), C3: ("separable", (80,))},
-    "sep16 + sep56 (~5.5x)": {C2: ("separable", (16,)), C3: ("separable", (56,))},
-    "tucker2 8x32 + sep56 (~6x)": {C2: ("tucker2", (8, 32)), C3: ("separable", (56,))},
-    "tucker2 8x32 + sep40 (~6x)": {C2: ("tucker2", (8, 32)), C3: ("separable", (40,))},
-    "cs16 + sep8 + sep56 (~6x)": {
+    "sep32 + sep80": _sep(32, 80),
+    "sep24 + sep80": _sep(24, 80),
+    "sep32 + sep48": _sep(32, 48),
+    "sep16 + sep80": _sep(16, 80),
+    "sep16 + sep56": _sep(16, 56),
+    "sep16 + sep32": _sep(16, 32),
+    "sep16 + sep24": _sep(16, 24),
+    "sep12 + sep32": _sep(12, 32),
+    "sep8 + sep32": _sep(8, 32),
+    "sep8 + sep56": _sep(8, 56),
+    "tucker2 8x32 + sep56": {C2: ("tucker2", (8, 32)), C3: ("separable", (56,))},
+    "tucker2 8x32 + sep40": {C2: ("tucker2", (8, 32)), C3: ("separable", (40,))},
+    "cs16 + sep8 + sep56": {
         C1: ("channel-svd", (16,)),
         C2: ("separable", (8,)),
         C3: ("separable", (56,)),
     },
-    "sep1 + sep8 + sep8 (~8.5x)": {
+    "sep1 + sep8 + sep8": {
         C1: ("separable", (1,)),
         C2: ("separable", (8,)),
         C3: ("separable", (8,)),
     },
 }
-FITS = {  # label: calibration options (None: no calibration at all)
+FITS = {  # label: (calibration crops, calibration options); None: no calibration at all
     "weights": None,
-    "weights+bias": {"fit": "weights"},
-    "data": {"fit": "data"},
-    "data + kept refit": {"fit": "data", "refit_kept": True},
+    "weights+bias": (512, {"fit": "weights"}),
+    "data": (512, {"fit": "data"}),
+    "data + kept refit": (512, {"fit": "data", "refit_kept": True}),
+    "data, 2048 crops": (2048, {"fit": "data"}),
 }
+RUNS = {1: 2000, 32: 150}  # timed runs per model at batch 1 and 32
+
+
+def best_within(rows: list[dict], fit: str, points: float = 1.0) -> dict | None:
+    """The plan with the highest batch-1 speedup whose `fit` drop is at most `points`."""
+    ok = [r for r in rows if r[fit] <= points]
+    return max(ok, key=lambda r: r["speedup_b1"]) if ok else None
 
 
 def main() -> int:
@@ -56,24 +83,52 @@ def main() -> int:
     name = model.graph.input[0].name
     feeds = [{name: test["x"][i : i + 256]} for i in range(0, len(test["x"]), 256)]
     reference = accuracy(model, feeds, test["y"])
-    cal_path = calibration_file("charnet", 512)
-    rows = []
-    print(f"charnet test accuracy {100 * reference:.2f}%; drop in points per fit")
-    print(f"{'plan':<30}" + "".join(f"{f:>22}" for f in FITS))
+    rows, architectures = [], []
+    print(f"charnet test accuracy {100 * reference:.2f}%; drop in points per fit", flush=True)
     for label, choices in PLANS.items():
         row = {"plan": label, "choices": {k: [m, list(r)] for k, (m, r) in choices.items()}}
         for fit, options in FITS.items():
-            cal = None if options is None else Calibration(cal_path, size=512, **options)
+            cal = None
+            if options is not None:
+                crops, kwargs = options
+                cal = Calibration(calibration_file("charnet", crops), size=crops, **kwargs)
             built, records = build_choices(model, choices, cal)
             row[fit] = round(100 * (reference - accuracy(built, feeds, test["y"])), 2)
+            if fit == "weights":
+                architectures.append(built)  # every fit builds the same ops
             if fit == "data + kept refit":
                 row["kept_refits"] = [r.node for r in records if r.fit and "kept, refit" in r.fit]
         rows.append(row)
-        print(f"{label:<30}" + "".join(f"{row[f]:>22.2f}" for f in FITS), flush=True)
+        print(f"  {label}: " + ", ".join(f"{f} {row[f]:.2f}" for f in FITS), flush=True)
+    timing = {}
+    for batch, runs in RUNS.items():
+        result = bench([model, *architectures], runs=runs, warmup=10, threads=1, batch=batch)
+        medians = result["median_ms"]
+        timing[f"b{batch}"] = {"original_ms": medians[0], "runs": runs}
+        for row, ms in zip(rows, medians[1:]):
+            row[f"ms_b{batch}"] = ms
+            row[f"speedup_b{batch}"] = medians[0] / ms
+    header = "".join(f"{f:>18}" for f in FITS)
+    print(f"\n{'plan':<24}{'x b1':>7}{'x b32':>7}{header}")
+    for r in rows:
+        drops = "".join(f"{r[f]:>18.2f}" for f in FITS)
+        print(f"{r['plan']:<24}{r['speedup_b1']:>7.2f}{r['speedup_b32']:>7.2f}{drops}")
+    verdict = {}
+    for fit in FITS:
+        best = best_within(rows, fit)
+        verdict[fit] = best and {"plan": best["plan"], "speedup_b1": best["speedup_b1"]}
+        if best:
+            print(f"fastest plan within 1 point, {fit}: {best['plan']} {best['speedup_b1']:.2f}x")
     out = os.path.join(RESULTS, "plan_fits.json")
     with open(out, "w") as f:
         json.dump(
-            {"reference": reference, "calibration": "512 training-font crops", "rows": rows},
+            {
+                "reference": reference,
+                "calibration": "512 (or 2048) training-font crops",
+                "timing": timing,
+                "rows": rows,
+                "fastest_within_1_point": verdict,
+            },
             f,
             indent=1,
         )
