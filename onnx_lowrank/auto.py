@@ -54,6 +54,7 @@ CP_MAX_WEIGHTS = 256 * 256 * 9  # CP candidates only for layers up to this size 
 BASIS_MAX_CHANNELS = 8  # scheme 1 is a basis per input channel: for first layers only
 WARM_UP_BEYOND = 1.25  # the trial build before the first plan: predicted this much faster
 MAX_CORRECTIONS = 4  # measured builds beyond the first when bisecting for a speedup
+REFINE_ROUNDS = 3  # quality targets: greedy paths searched past a move that broke the limit
 
 
 def layer_options(
@@ -433,26 +434,59 @@ def _meet_speedup(plan: Plan, path, target: float, build, evaluate, in_place=Non
 
 
 def _meet_quality(plan: Plan, path, kind: str, limit: float, build, evaluate, in_place=None):
-    """The fastest step of the path whose measured quality loss is within `limit`
-    (bisection: the loss grows along the path)."""
-    lo, hi, best = 0, len(path) - 1, None
+    """The fastest plan found whose measured quality loss is within `limit`.
+
+    Bisect the greedy path on measurements (the loss grows along it). The step just past the
+    last one within the limit moved one layer too far, but the other layers may still have
+    room: the path ranks moves by weight or calibration error, a poor proxy of what a cut
+    costs in accuracy. So the search goes on from that last step along a new greedy path on
+    which the layer takes no option as fast as the one that broke the limit, and bisects it
+    too (REFINE_ROUNDS times at most). The fastest measured plan within the limit wins."""
     if in_place is not None:
-        in_place.warm_up(path, hi // 2)
+        in_place.warm_up(path, (len(path) - 1) // 2)
+    chosen, banned, lo, rounds = None, set(), 0, 0
+    while True:
+        index, found = _bisect_quality(plan, path, lo, kind, limit, build, evaluate, in_place)
+        if index < 0:
+            raise LowRankError(f"no plan keeps the {kind} within {limit:g}")
+        if found is not None and (chosen is None or found[2] < chosen[1][2]):
+            chosen = (path[index], found)
+        if index + 1 >= len(path) or rounds == REFINE_ROUNDS:
+            break
+        start, over = path[index], path[index + 1]
+        (layer,) = [i for i, (a, b) in enumerate(zip(start.choices, over.choices)) if a != b]
+        options = plan.layers[layer].options
+        too_far = options[over.choices[layer]].ms
+        banned |= {(layer, j) for j, o in enumerate(options) if o.ms <= too_far}
+        path = allocate(plan.layers, plan.baseline_ms, start=start, banned=frozenset(banned))
+        if len(path) < 2:
+            break
+        lo, rounds = 1, rounds + 1
+    step, (built, loss, measured_ms, corrected) = chosen
+    apply_step(plan.layers, step)
+    plan.measured_ms, (plan.corrected_ms, plan.corrected_changed) = measured_ms, corrected
+    plan.notes.append(f"{kind} {loss:.4g} within {limit:g}")
+    if rounds:
+        plan.notes.append(
+            f"searched {rounds} more greedy path(s) past the moves that broke the limit"
+        )
+    return plan, built
+
+
+def _bisect_quality(plan: Plan, path, lo: int, kind, limit, build, evaluate, in_place):
+    """Bisect path[lo:] for the last step within the limit (path[lo - 1] is known to be):
+    (its index, (built, loss, measured ms, corrected)); (lo - 1, None) when none of them is."""
+    hi, best = len(path) - 1, (lo - 1, None)
     while lo <= hi:
         mid = (lo + hi) // 2
         result, built, corrected = _try(plan, path[mid], build, evaluate, in_place)
         loss = result[kind]
         if loss <= limit:
-            best = (mid, built, loss, plan.baseline_ms / result["speedup"], corrected)
+            best = (mid, (built, loss, plan.baseline_ms / result["speedup"], corrected))
             lo = mid + 1
         else:
             hi = mid - 1
-    if best is None:
-        raise LowRankError(f"no plan keeps the {kind} within {limit:g}")
-    apply_step(plan.layers, path[best[0]])
-    plan.measured_ms, (plan.corrected_ms, plan.corrected_changed) = best[3], best[4]
-    plan.notes.append(f"{kind} {best[2]:.4g} within {limit:g}")
-    return plan, best[1]
+    return best
 
 
 def _try(plan: Plan, step, build, evaluate, in_place) -> tuple[dict, tuple, tuple]:

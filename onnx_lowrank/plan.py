@@ -132,13 +132,21 @@ class Step:
     choices: list[int]
 
 
-def allocate(layers: list[LayerPlan], baseline_ms: float, budget_ms: float = 0.0) -> list[Step]:
-    """Greedy path from all-original towards `budget_ms` (0: as far as the options go).
+def allocate(
+    layers: list[LayerPlan],
+    baseline_ms: float,
+    budget_ms: float = 0.0,
+    start: Step | None = None,
+    banned: frozenset = frozenset(),
+) -> list[Step]:
+    """Greedy path from all-original (or from `start`) towards `budget_ms` (0: as far as the
+    options go).
 
     Each step moves one layer to a faster option, the move with the least added squared error
-    per millisecond saved (moves that also cut the error come first). Returns every step."""
-    choice = [0] * len(layers)
-    ms, error2 = baseline_ms, 0.0
+    per millisecond saved (moves that also cut the error come first); options in `banned`
+    ((layer index, option index) pairs) are never moved to. Returns every step, `start` first."""
+    choice = list(start.choices) if start else [0] * len(layers)
+    ms, error2 = (start.ms, start.error2) if start else (baseline_ms, 0.0)
     path = [Step(ms, error2, list(choice))]
     while ms > budget_ms:
         best = None
@@ -146,7 +154,7 @@ def allocate(layers: list[LayerPlan], baseline_ms: float, budget_ms: float = 0.0
             current = layer.options[choice[i]]
             for j, option in enumerate(layer.options):
                 saved = current.ms - option.ms
-                if saved <= 1e-9:
+                if saved <= 1e-9 or (i, j) in banned:
                     continue
                 ratio = (option.error**2 - current.error**2) / saved
                 if best is None or ratio < best[0]:

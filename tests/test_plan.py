@@ -258,3 +258,44 @@ def test_planner_times_on_calibration_inputs_when_it_has_them():
     assert [f["x"].tolist() for f in feeds] == [x[0:2].tolist(), x[2:4].tolist()]
     assert timing_feeds(data, OptimizeConfig(batch=8)) is None  # too few samples: random
     assert timing_feeds(None, OptimizeConfig()) is None
+
+
+def test_a_quality_target_searches_past_the_move_that_broke_it():
+    """--max-drop: the greedy path cuts layer a first (least weight error per ms), but in
+    accuracy a breaks the limit at its second cut while b has room; after bisecting the path
+    the search goes on from the last plan within the limit with a's breaking cut and anything
+    faster banned, and returns the fastest measured plan within the limit. Every plan it
+    returns was measured within the limit (brute force over the table agrees here)."""
+    from onnx_lowrank.auto import REFINE_ROUNDS, plan_for_target
+
+    def layer(name, errors):  # 10 ms, then 6, 4, 2, 1 ms
+        options = [Option(None, None, 0, 0.0, 10.0)]
+        options += [Option("m", [r], 0, e, ms) for r, e, ms in zip((8, 4, 2, 1), errors, (6, 4, 2, 1))]
+        return LayerPlan(name, "Conv", options)
+
+    layers = [layer("a", (0.01, 0.02, 0.03, 0.04)), layer("b", (0.2, 0.3, 0.4, 0.5))]
+    drop_a = {0: 0.0, 1: 0.2, 2: 2.0, 3: 5.0, 4: 9.0}  # a's cut to 4 ms already costs 2 points
+    drop_b = {0: 0.0, 1: 0.1, 2: 0.2, 3: 0.4, 4: 3.0}
+    built = []
+
+    def build(plan):
+        built.append([x.choice for x in plan.layers])
+        return (tuple(built[-1]), [])
+
+    def evaluate(model):
+        a, b = model
+        ms = layers[0].options[a].ms + layers[1].options[b].ms
+        return {"speedup": 20.0 / ms, "drop": drop_a[a] + drop_b[b]}
+
+    config = OptimizeConfig(method="auto", max_drop=1.0, data="labelled.npz")
+    plan, (model, _) = plan_for_target(layers, 20.0, config, build, evaluate)
+    assert model == (1, 3)  # a cut once (0.2), b three times (0.4): 8 ms, 2.5x
+    assert [x.choice for x in plan.layers] == [1, 3] and plan.measured_ms == 8.0
+    fits = [
+        (layers[0].options[a].ms + layers[1].options[b].ms, (a, b))
+        for a, b in itertools.product(range(5), range(5))
+        if drop_a[a] + drop_b[b] <= 1.0
+    ]
+    assert min(fits)[1] == (1, 3)
+    assert any("more greedy path" in n for n in plan.notes) and REFINE_ROUNDS >= 1
+    assert len(built) <= 12  # a few bisections, not a brute force (25 plans)
