@@ -115,6 +115,9 @@ def run_plan(ctx: dict, target: dict, fit: str, args) -> dict:
             for layer in plan.layers
         ],
         "profiled_other_ms": plan.profiled_other_ms,
+        # every plan the planner built on the way: the predictions made before it was built
+        # (table, corrected) and what it measured
+        "trace": list(plan.trace),
     }
     print(format_row(row), flush=True)
     return row
@@ -198,7 +201,20 @@ def verdict(rows: list[dict]) -> dict:
         "corrected_errors": final,
         "corrected_within_15": sum(e <= 0.15 for e in final),
         "corrected_pass": bool(final) and max(final) <= 0.15,
+        # not only the plan each search ended with: every plan built that had a corrected
+        # prediction (the trial builds have none)
+        "builds_corrected_errors": build_errors(rows),
     }
+
+
+def build_errors(rows: list[dict]) -> list[float]:
+    """|corrected - measured| / measured over every plan built in the rows' searches."""
+    return [
+        abs(t["corrected_ms"] - t["measured_ms"]) / t["measured_ms"]
+        for r in rows
+        for t in r.get("trace", [])
+        if t.get("corrected_ms") is not None and t.get("measured_ms")
+    ]
 
 
 SIDE_BY_SIDE_RUNS, SIDE_BY_SIDE_REPEATS = 1000, 3
@@ -264,6 +280,12 @@ def print_verdict(v: dict) -> None:
             f"{100 * np.median(fin):.1f}%, max {100 * max(fin):.1f}%)"
             f" -> {'PASS' if v['corrected_pass'] else 'FAIL'}"
         )
+        every = v.get("builds_corrected_errors")
+        if every:
+            print(
+                f"  every plan built on the way: {sum(e <= 0.15 for e in every)}/{len(every)}"
+                f" within 15% (median {100 * np.median(every):.1f}%, max {100 * max(every):.1f}%)"
+            )
     direct = v.get("side_by_side")
     if direct:
         print(
