@@ -273,3 +273,39 @@ def test_auto_unreachable_speedup_exits_1_with_the_best_reached(model_path, tmp_
     run = cli("optimize", model_path, tmp_path / "o.onnx", "--speedup", "1000", "--check", "0")
     assert run.returncode == 1 and "not met: best measured" in run.stderr
     assert (tmp_path / "o.onnx").exists()
+
+
+def test_auto_max_drop_keeps_the_measured_accuracy_within_the_limit(model_path, tmp_path):
+    """--max-drop with a labelled --data on a small classifier (the module's conv, then a
+    global average pool to 32 logits): the plan's accuracy drop, measured again here on the
+    written model, is within the limit and the report says what the search measured."""
+    model = onnx.load(model_path)
+    model.graph.node.append(
+        onnx.helper.make_node("ReduceMean", ["y"], ["logits"], axes=[2, 3], keepdims=0)
+    )
+    model.graph.output[0].CopyFrom(
+        onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [None, 32])
+    )
+    classifier = tmp_path / "classifier.onnx"
+    onnx.save(model, classifier)
+    import onnxruntime as ort
+
+    x = np.random.default_rng(5).standard_normal((96, 16, 20, 20)).astype(np.float32)
+
+    def predict(path):
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return sess.run(None, {"x": x})[0].argmax(1)
+
+    labels = predict(classifier)  # the original is 100% right on its own labels
+    np.savez(tmp_path / "test.npz", x=x, y=labels)
+    out, report = tmp_path / "o.onnx", tmp_path / "r.json"
+    args = ["--max-drop", "10", "--data", tmp_path / "test.npz", "--check", "0"]
+    run = cli("optimize", classifier, out, *args, "--report", report)
+    assert run.returncode == 0, run.stderr
+    data = json.loads(report.read_text())
+    assert data["plan"]["target"] == {"kind": "drop", "value": 10.0}
+    assert any("within 10" in note for note in data["plan"]["notes"])
+    assert 100 * (1 - np.mean(predict(out) == labels)) <= 10.0
+    assert data["layers"][0]["status"] == "rewritten"  # a plan that factors the conv exists
+    run = cli("optimize", classifier, out, "--max-drop", "1")
+    assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1

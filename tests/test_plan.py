@@ -270,7 +270,9 @@ def test_a_quality_target_searches_past_the_move_that_broke_it():
 
     def layer(name, errors):  # 10 ms, then 6, 4, 2, 1 ms
         options = [Option(None, None, 0, 0.0, 10.0)]
-        options += [Option("m", [r], 0, e, ms) for r, e, ms in zip((8, 4, 2, 1), errors, (6, 4, 2, 1))]
+        options += [
+            Option("m", [r], 0, e, ms) for r, e, ms in zip((8, 4, 2, 1), errors, (6, 4, 2, 1))
+        ]
         return LayerPlan(name, "Conv", options)
 
     layers = [layer("a", (0.01, 0.02, 0.03, 0.04)), layer("b", (0.2, 0.3, 0.4, 0.5))]
