@@ -41,6 +41,7 @@ PLANS = {
     "sep32 + sep80": _sep(32, 80),
     "sep24 + sep80": _sep(24, 80),
     "sep32 + sep48": _sep(32, 48),
+    "sep32 + sep32": _sep(32, 32),
     "sep16 + sep80": _sep(16, 80),
     "sep16 + sep56": _sep(16, 56),
     "sep16 + sep32": _sep(16, 32),
@@ -50,6 +51,7 @@ PLANS = {
     "sep8 + sep56": _sep(8, 56),
     "tucker2 8x32 + sep56": {C2: ("tucker2", (8, 32)), C3: ("separable", (56,))},
     "tucker2 8x32 + sep40": {C2: ("tucker2", (8, 32)), C3: ("separable", (40,))},
+    "tucker2 8x16 + sep32": {C2: ("tucker2", (8, 16)), C3: ("separable", (32,))},
     "cs16 + sep8 + sep56": {
         C1: ("channel-svd", (16,)),
         C2: ("separable", (8,)),
