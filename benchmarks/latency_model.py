@@ -1,0 +1,191 @@
+"""The planner's in-place latency correction, evaluated offline on fixed charnet plans.
+
+The planner predicts a plan before building it from the plans built so far (`auto.InPlace`):
+the measured time of the anchor that leaves the least to predict, plus each changed layer's
+table-time difference scaled by the (in-place / table) factor learned for that layer and
+method. Inside a search the anchors and the targets come in one order; here every plan of a
+fixed grid (charnet conv2 separable 16-120 x conv3 separable 32 / 80 / channel-svd 48) is built
+and timed once, in one loop with the original (three loops, medians), and profiled, and the
+prediction is replayed for every target from every one or two other plans as anchors. The
+in-place / table factor of each layer in each plan is printed too. Variants of the correction
+are compared on the same measurements:
+
+- `planner`: what `InPlace` does (each factor from the latest plan that ran the layer/method);
+- `footprint`: each factor from the anchor whose total weight bytes are nearest the target's
+  (in-place factors grow with the model's weight footprint: cache);
+- `rank`: each factor from the anchor whose option of that layer (same method) is nearest in
+  table time to the target's (a factor learned at one rank applied at another);
+- `average`: the predictions from each anchor averaged, weighted by 1 / what each leaves to
+  predict, instead of the single least-to-predict anchor.
+
+    OPENBLAS_NUM_THREADS=1 python benchmarks/latency_model.py      # about 2 minutes
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import sys
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnx_lowrank import auto
+from onnx_lowrank.api import _pinned_copy, build
+from onnx_lowrank.bench import bench
+from onnx_lowrank.config import OptimizeConfig
+from onnx_lowrank.latency import LatencyTable
+from onnx_lowrank.plan import Step
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from accuracy import RESULTS, model_path  # noqa: E402
+
+CONV2 = [("separable", (r,)) for r in (16, 32, 48, 80, 96, 120)]
+CONV3 = [("separable", (32,)), ("separable", (80,)), ("channel-svd", (48,))]
+LOOPS, RUNS = 3, 600
+
+
+def summary(errors: list[float]) -> dict:
+    e = np.array(errors)
+    return {
+        "n": len(e),
+        "within_15": float(np.mean(e <= 0.15)),
+        "median": float(np.median(e)),
+        "p90": float(np.quantile(e, 0.9)),
+        "max": float(e.max()),
+    }
+
+
+def main() -> int:
+    model = onnx.load(model_path("charnet"))
+    config = OptimizeConfig.from_options(method="auto", check=0, seed=0, threads=1, batch=1)
+    pinned = _pinned_copy(model, config)
+    auto.AUTO_METHODS = ("separable", "channel-svd")  # the grid's methods: fewer options to time
+    layers = auto.layer_options(pinned, config, LatencyTable(config.provider, config.threads))
+    names = [layer.node for layer in layers]
+    baseline = bench([pinned], runs=RUNS, threads=1, batch=1)["median_ms"][0]
+    original = auto._profiled(pinned, names, config)
+    auto._scale_to_model(layers, original, baseline)
+    index = {
+        layer.node: {(o.method, tuple(o.rank or ())): j for j, o in enumerate(layer.options)}
+        for layer in layers
+    }
+    plans = [{"/conv2/Conv": a, "/conv3/Conv": b} for a, b in itertools.product(CONV2, CONV3)]
+    steps, models, foot = [], [], []
+    for plan in plans:
+        steps.append(Step(0.0, 0.0, [index[n].get(plan[n], 0) if n in plan else 0 for n in names]))
+        models.append(build(pinned, config, None, plan)[0])
+        foot.append(sum(numpy_helper.to_array(i).nbytes for i in models[-1].graph.initializer))
+    loops = []
+    for _ in range(LOOPS):  # each plan on the baseline's scale, all in one loop
+        ms = bench([pinned, *models], runs=RUNS, threads=1, batch=1)["median_ms"]
+        loops.append([baseline * t / ms[0] for t in ms[1:]])
+    wall = np.median(np.array(loops), axis=0)
+    profiles = [auto._profiled(m, names, config) for m in models]
+
+    def learned(anchors):
+        in_place = auto.InPlace(layers, original, baseline, lambda m: profiles[models.index(m)])
+        seen = {}  # (layer, method) -> [(footprint, factor, option's table ms)]
+        for a in anchors:
+            in_place.learn(steps[a], models[a], wall[a])
+            for layer, c in zip(layers, steps[a].choices):
+                if c:
+                    key = (layer.node, layer.options[c].method)
+                    seen.setdefault(key, []).append(
+                        (foot[a], in_place.factor[key], layer.options[c].ms)
+                    )
+        return in_place, seen
+
+    errors = {"planner": [], "footprint": [], "rank": [], "average": []}
+    single = []
+    for anchors in itertools.chain(
+        ([a] for a in range(len(plans))), itertools.permutations(range(len(plans)), 2)
+    ):
+        for t in range(len(plans)):
+            if t in anchors:
+                continue
+            in_place, seen = learned(anchors)
+
+            def err(predicted, t=t):
+                return abs(predicted - wall[t]) / wall[t]
+
+            if len(anchors) == 1:
+                single.append(err(in_place.predict(steps[t])))
+                continue
+            errors["planner"].append(err(in_place.predict(steps[t])))
+            kept = dict(in_place.factor)
+            for key, observed in seen.items():
+                nearest = min(observed, key=lambda o: abs(np.log(o[0] / foot[t])))
+                in_place.factor[key] = nearest[1]
+            errors["footprint"].append(err(in_place.predict(steps[t])))
+            for layer, c in zip(layers, steps[t].choices):
+                key = (layer.node, layer.options[c].method)
+                if c and key in seen:  # the factor seen at the option nearest in table time
+                    target_ms = layer.options[c].ms
+                    nearest = min(seen[key], key=lambda o: abs(np.log(o[2] / target_ms)))
+                    in_place.factor[key] = nearest[1]
+            errors["rank"].append(err(in_place.predict(steps[t])))
+            in_place.factor = kept
+            guesses, weights = [], []
+            for anchor, ms in in_place.built:
+                diffs = [
+                    in_place._cost(layer, now) - in_place._cost(layer, was)
+                    for layer, was, now in zip(layers, anchor.choices, steps[t].choices)
+                ]
+                guesses.append(ms + sum(diffs))
+                weights.append(1.0 / max(sum(map(abs, diffs)), 1e-6))
+            errors["average"].append(err(float(np.average(guesses, weights=weights))))
+
+    def in_place_ratios(i: int) -> dict:
+        """Each factored layer's in-place time (its profiled share of the plan's wall time)
+        over its table time, and the rest of the graph's in-place ms."""
+        inside, other = profiles[i]
+        scale = wall[i] / (sum(inside.values()) + other)
+        out = {
+            layer.node: inside[layer.node] * scale / layer.options[c].ms
+            for layer, c in zip(layers, steps[i].choices)
+            if c
+        }
+        return {**out, "rest_ms": other * scale}
+
+    result = {
+        "baseline_ms": baseline,
+        "plans": [
+            {
+                "choices": {k: [m, list(r)] for k, (m, r) in p.items()},
+                "weight_bytes": f,
+                "ms": w,
+                "in_place_over_table": in_place_ratios(i),
+            }
+            for i, (p, f, w) in enumerate(zip(plans, foot, map(float, wall)))
+        ],
+        "loops_ms": loops,
+        "one_anchor": summary(single),
+        "two_anchors": {k: summary(v) for k, v in errors.items()},
+    }
+    print(f"charnet baseline {baseline:.4f} ms; per plan: weights, wall time, in-place / table")
+    for p in result["plans"]:
+        label = " + ".join(f"{m} {'x'.join(map(str, r))}" for m, r in p["choices"].values())
+        ratios = p["in_place_over_table"]
+        print(
+            f"  {label:<36} {p['weight_bytes'] / 1e6:5.2f} MB {p['ms']:.4f} ms  conv2"
+            f" {ratios['/conv2/Conv']:.2f} conv3 {ratios['/conv3/Conv']:.2f}"
+            f" rest {ratios['rest_ms']:.4f} ms"
+        )
+    print(f"{'predictor':<22}{'pairs':>7}{'within 15%':>12}{'median':>8}{'p90':>8}{'max':>8}")
+    rows = [("one anchor (planner)", result["one_anchor"])]
+    rows += [(f"two anchors, {k}", v) for k, v in result["two_anchors"].items()]
+    for name, s in rows:
+        print(
+            f"{name:<22}{s['n']:>7}{100 * s['within_15']:>11.1f}%{100 * s['median']:>7.1f}%"
+            f"{100 * s['p90']:>7.1f}%{100 * s['max']:>7.1f}%"
+        )
+    with open(os.path.join(RESULTS, "latency_model.json"), "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
