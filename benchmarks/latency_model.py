@@ -15,6 +15,10 @@ are compared on the same measurements:
   (in-place factors grow with the model's weight footprint: cache);
 - `rank`: each factor from the anchor whose option of that layer (same method) is nearest in
   table time to the target's (a factor learned at one rank applied at another);
+- `footprint slope`: where the two anchors ran a layer at different weight footprints, its
+  log factor is taken as linear in the footprint (slope from the two) and extrapolated to the
+  target's, from the nearer anchor (anchors at least 0.2 MB apart, the change clipped to
+  0.5-2x);
 - `average`: the predictions from each anchor averaged, weighted by 1 / what each leaves to
   predict, instead of the single least-to-predict anchor.
 
@@ -98,7 +102,7 @@ def main() -> int:
                     )
         return in_place, seen
 
-    errors = {"planner": [], "footprint": [], "rank": [], "average": []}
+    errors = {"planner": [], "footprint": [], "rank": [], "footprint slope": [], "average": []}
     single = []
     for anchors in itertools.chain(
         ([a] for a in range(len(plans))), itertools.permutations(range(len(plans)), 2)
@@ -127,6 +131,16 @@ def main() -> int:
                     nearest = min(seen[key], key=lambda o: abs(np.log(o[2] / target_ms)))
                     in_place.factor[key] = nearest[1]
             errors["rank"].append(err(in_place.predict(steps[t])))
+            slopes = {}  # layer -> d log(factor) / d weight bytes, where two anchors show it
+            for (node, _), observed in seen.items():
+                (f1, g1, _), (f2, g2, _) = observed[0], observed[-1]
+                if abs(f2 - f1) > 2e5:  # at least 0.2 MB apart
+                    slopes[node] = np.log(g2 / g1) / (f2 - f1)
+            for (node, method), observed in seen.items():
+                f, g, _ = min(observed, key=lambda o: abs(o[0] - foot[t]))
+                change = np.exp(slopes.get(node, 0.0) * (foot[t] - f))
+                in_place.factor[node, method] = g * float(np.clip(change, 0.5, 2.0))
+            errors["footprint slope"].append(err(in_place.predict(steps[t])))
             in_place.factor = kept
             guesses, weights = [], []
             for anchor, ms in in_place.built:
@@ -174,12 +188,12 @@ def main() -> int:
             f" {ratios['/conv2/Conv']:.2f} conv3 {ratios['/conv3/Conv']:.2f}"
             f" rest {ratios['rest_ms']:.4f} ms"
         )
-    print(f"{'predictor':<22}{'pairs':>7}{'within 15%':>12}{'median':>8}{'p90':>8}{'max':>8}")
+    print(f"{'predictor':<32}{'pairs':>7}{'within 15%':>12}{'median':>8}{'p90':>8}{'max':>8}")
     rows = [("one anchor (planner)", result["one_anchor"])]
     rows += [(f"two anchors, {k}", v) for k, v in result["two_anchors"].items()]
     for name, s in rows:
         print(
-            f"{name:<22}{s['n']:>7}{100 * s['within_15']:>11.1f}%{100 * s['median']:>7.1f}%"
+            f"{name:<32}{s['n']:>7}{100 * s['within_15']:>11.1f}%{100 * s['median']:>7.1f}%"
             f"{100 * s['p90']:>7.1f}%{100 * s['max']:>7.1f}%"
         )
     with open(os.path.join(RESULTS, "latency_model.json"), "w", encoding="utf-8") as f:
