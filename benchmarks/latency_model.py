@@ -3,14 +3,18 @@
 The planner predicts a plan before building it from the plans built so far (`auto.InPlace`):
 the measured time of the anchor that leaves the least to predict, plus each changed layer's
 table-time difference scaled by the (in-place / table) factor learned for that layer and
-method. Inside a search the anchors and the targets come in one order; here every plan of a
-fixed grid (charnet conv2 separable 16-120 x conv3 separable 32 / 80 / channel-svd 48) is built
-and timed once, in one loop with the original (three loops, medians), and profiled, and the
-prediction is replayed for every target from every one or two other plans as anchors. The
-in-place / table factor of each layer in each plan is printed too. Variants of the correction
-are compared on the same measurements:
+method, plus the weight bytes it adds times the machine's measured cost of streaming a byte
+(`LatencyTable.stream_cost`). Inside a search the anchors and the targets come in one order;
+here every plan of a fixed grid (charnet conv2 separable 16-120 x conv3 separable 32 / 80 /
+channel-svd 48) is built and timed once, in one loop with the original (three loops, medians),
+and profiled, and the prediction is replayed for every target from every one or two other plans
+as anchors. The in-place / table factor of each layer in each plan is printed too. Variants of
+the correction are compared on the same measurements:
 
-- `planner`: what `InPlace` does (each factor from the latest plan that ran the layer/method);
+- `factors only`: without the streaming term (each factor from the latest plan that ran the
+  layer / method), as the planner predicted before the term was added; the variants below
+  change this one;
+- `planner`: what `InPlace` does: the factors plus the measured streaming cost per byte;
 - `footprint`: each factor from the anchor whose total weight bytes are nearest the target's
   (in-place factors grow with the model's weight footprint: cache);
 - `rank`: each factor from the anchor whose option of that layer (same method) is nearest in
@@ -19,6 +23,10 @@ are compared on the same measurements:
   log factor is taken as linear in the footprint (slope from the two) and extrapolated to the
   target's, from the nearer anchor (anchors at least 0.2 MB apart, the change clipped to
   0.5-2x);
+- `footprint term`: the factors-only prediction plus gamma x (target's weight bytes - its
+  anchor's), gamma being what predicting the heavier anchor from the lighter one
+  missed, per byte (anchors >= 0.3 MB apart, 0 to 0.1 ms per MB); and the
+  same with one gamma fitted on every pair (in-sample: a bound, not a predictor);
 - `average`: the predictions from each anchor averaged, weighted by 1 / what each leaves to
   predict, instead of the single least-to-predict anchor.
 
@@ -49,6 +57,8 @@ from accuracy import RESULTS, model_path  # noqa: E402
 CONV2 = [("separable", (r,)) for r in (16, 32, 48, 80, 96, 120)]
 CONV3 = [("separable", (32,)), ("separable", (80,)), ("channel-svd", (48,))]
 LOOPS, RUNS = 3, 600
+FOOTPRINT_APART = 3e5  # bytes between two anchors before their difference is trusted
+MAX_GAMMA = 1e-7  # ms per byte (0.1 ms per MB) at most
 
 
 def summary(errors: list[float]) -> dict:
@@ -67,7 +77,9 @@ def main() -> int:
     config = OptimizeConfig.from_options(method="auto", check=0, seed=0, threads=1, batch=1)
     pinned = _pinned_copy(model, config)
     auto.AUTO_METHODS = ("separable", "channel-svd")  # the grid's methods: fewer options to time
-    layers = auto.layer_options(pinned, config, LatencyTable(config.provider, config.threads))
+    table = LatencyTable(config.provider, config.threads)
+    layers = auto.layer_options(pinned, config, table)
+    stream = table.stream_cost()  # ms per byte, as the planner measures it
     names = [layer.node for layer in layers]
     baseline = bench([pinned], runs=RUNS, threads=1, batch=1)["median_ms"][0]
     original = auto._profiled(pinned, names, config)
@@ -89,8 +101,10 @@ def main() -> int:
     wall = np.median(np.array(loops), axis=0)
     profiles = [auto._profiled(m, names, config) for m in models]
 
-    def learned(anchors):
-        in_place = auto.InPlace(layers, original, baseline, lambda m: profiles[models.index(m)])
+    def learned(anchors, stream: float = 0.0):
+        in_place = auto.InPlace(
+            layers, original, baseline, lambda m: profiles[models.index(m)], None, stream
+        )
         seen = {}  # (layer, method) -> [(footprint, factor, option's table ms)]
         for a in anchors:
             in_place.learn(steps[a], models[a], wall[a])
@@ -102,8 +116,28 @@ def main() -> int:
                     )
         return in_place, seen
 
-    errors = {"planner": [], "footprint": [], "rank": [], "footprint slope": [], "average": []}
-    single = []
+    errors = {"factors only": [], "planner": []}
+    errors.update({k: [] for k in ("footprint", "rank", "footprint slope", "average")})
+    errors["footprint term"] = []
+    pairs = []  # (planner's prediction, measured, footprint over its anchor) per target
+    foot_of = {tuple(s.choices): f for s, f in zip(steps, foot)}
+    foot_of[(0,) * len(layers)] = sum(
+        numpy_helper.to_array(i).nbytes for i in pinned.graph.initializer
+    )
+
+    def nearest_footprint(in_place, step) -> float:
+        """Weight bytes of the anchor `in_place.predict(step)` starts from (same rule)."""
+
+        def left(anchor):
+            return sum(
+                abs(in_place._cost(layer, now) - in_place._cost(layer, was))
+                for layer, was, now in zip(layers, anchor.choices, step.choices)
+            )
+
+        anchor = min((a for a, _ in in_place.built), key=left)
+        return foot_of[tuple(anchor.choices)]
+
+    single = {"factors only": [], "planner": []}
     for anchors in itertools.chain(
         ([a] for a in range(len(plans))), itertools.permutations(range(len(plans)), 2)
     ):
@@ -115,10 +149,13 @@ def main() -> int:
             def err(predicted, t=t):
                 return abs(predicted - wall[t]) / wall[t]
 
+            streamed = learned(anchors, stream)[0].predict(steps[t])
             if len(anchors) == 1:
-                single.append(err(in_place.predict(steps[t])))
+                single["factors only"].append(err(in_place.predict(steps[t])))
+                single["planner"].append(err(streamed))
                 continue
-            errors["planner"].append(err(in_place.predict(steps[t])))
+            errors["factors only"].append(err(in_place.predict(steps[t])))
+            errors["planner"].append(err(streamed))
             kept = dict(in_place.factor)
             for key, observed in seen.items():
                 nearest = min(observed, key=lambda o: abs(np.log(o[0] / foot[t])))
@@ -151,6 +188,16 @@ def main() -> int:
                 guesses.append(ms + sum(diffs))
                 weights.append(1.0 / max(sum(map(abs, diffs)), 1e-6))
             errors["average"].append(err(float(np.average(guesses, weights=weights))))
+            # a footprint term on top of the planner's prediction: per MB of weights the
+            # target adds over its anchor, what predicting one anchor from the other missed
+            base, near = in_place.predict(steps[t]), nearest_footprint(in_place, steps[t])
+            a1, a2 = sorted(anchors, key=lambda a: foot[a])
+            gamma = 0.0
+            if foot[a2] - foot[a1] >= FOOTPRINT_APART:
+                missed = wall[a2] - learned([a1])[0].predict(steps[a2])
+                gamma = float(np.clip(missed / (foot[a2] - foot[a1]), 0.0, MAX_GAMMA))
+            errors["footprint term"].append(err(base + gamma * (foot[t] - near)))
+            pairs.append((base, wall[t], foot[t] - near))
 
     def in_place_ratios(i: int) -> dict:
         """Each factored layer's in-place time (its profiled share of the plan's wall time)
@@ -164,19 +211,38 @@ def main() -> int:
         }
         return {**out, "rest_ms": other * scale}
 
+    def layer_ms(i: int) -> dict:
+        """Every layer's table ms (scaled to the model) and in-place ms in plan i."""
+        inside, other = profiles[i]
+        scale = wall[i] / (sum(inside.values()) + other)
+        return {
+            layer.node: {"table": layer.options[c].ms, "in_place": inside[layer.node] * scale}
+            for layer, c in zip(layers, steps[i].choices)
+        }
+
+    # the bound: one ms-per-byte for every pair, fitted on all of them (in-sample)
+    base, measured, extra = (np.array(x) for x in zip(*pairs))
+    weight = 1.0 / measured**2
+    best_gamma = float(np.sum(weight * (measured - base) * extra) / np.sum(weight * extra**2))
+    errors["footprint term, fitted on all (bound)"] = list(
+        np.abs(base + best_gamma * extra - measured) / measured
+    )
     result = {
         "baseline_ms": baseline,
+        "fitted_ms_per_mb": best_gamma * 1e6,
         "plans": [
             {
                 "choices": {k: [m, list(r)] for k, (m, r) in p.items()},
                 "weight_bytes": f,
                 "ms": w,
                 "in_place_over_table": in_place_ratios(i),
+                "layers_ms": layer_ms(i),
             }
             for i, (p, f, w) in enumerate(zip(plans, foot, map(float, wall)))
         ],
         "loops_ms": loops,
-        "one_anchor": summary(single),
+        "stream_ms_per_mb": stream * 1e6,
+        "one_anchor": {k: summary(v) for k, v in single.items()},
         "two_anchors": {k: summary(v) for k, v in errors.items()},
     }
     print(f"charnet baseline {baseline:.4f} ms; per plan: weights, wall time, in-place / table")
@@ -188,12 +254,12 @@ def main() -> int:
             f" {ratios['/conv2/Conv']:.2f} conv3 {ratios['/conv3/Conv']:.2f}"
             f" rest {ratios['rest_ms']:.4f} ms"
         )
-    print(f"{'predictor':<32}{'pairs':>7}{'within 15%':>12}{'median':>8}{'p90':>8}{'max':>8}")
-    rows = [("one anchor (planner)", result["one_anchor"])]
+    print(f"{'predictor':<50}{'pairs':>7}{'within 15%':>12}{'median':>8}{'p90':>8}{'max':>8}")
+    rows = [(f"one anchor, {k}", v) for k, v in result["one_anchor"].items()]
     rows += [(f"two anchors, {k}", v) for k, v in result["two_anchors"].items()]
     for name, s in rows:
         print(
-            f"{name:<32}{s['n']:>7}{100 * s['within_15']:>11.1f}%{100 * s['median']:>7.1f}%"
+            f"{name:<50}{s['n']:>7}{100 * s['within_15']:>11.1f}%{100 * s['median']:>7.1f}%"
             f"{100 * s['p90']:>7.1f}%{100 * s['max']:>7.1f}%"
         )
     with open(os.path.join(RESULTS, "latency_model.json"), "w", encoding="utf-8") as f:

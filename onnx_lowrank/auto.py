@@ -54,6 +54,7 @@ CP_MAX_WEIGHTS = 256 * 256 * 9  # CP candidates only for layers up to this size 
 BASIS_MAX_CHANNELS = 8  # scheme 1 is a basis per input channel: for first layers only
 WARM_UP_BEYOND = 1.25  # the trial build before the first plan: predicted this much faster
 MAX_CORRECTIONS = 4  # measured builds beyond the first when bisecting for a speedup
+FLOAT_BYTES = 4  # factored weights are written as float32
 REFINE_ROUNDS = 3  # quality targets: greedy paths searched past a move that broke the limit
 
 
@@ -99,7 +100,8 @@ def _conv_options(
     whiten: bool = False,
 ) -> LayerPlan:
     in_shape = (config.batch, layer.in_channels, *layer.spatial_in)
-    options = [Option(None, None, layer.macs, 0.0, table.measure([layer.shape], in_shape))]
+    ms = table.measure([layer.shape], in_shape)
+    options = [Option(None, None, layer.macs, 0.0, ms, FLOAT_BYTES * layer.shape.params)]
     for method in AUTO_METHODS:
         conv_pass = CONV_PASSES[method](seed=config.seed)
         if conv_pass.skip_reason(layer) or _too_costly(method, layer):
@@ -114,8 +116,9 @@ def _conv_options(
             if rank in seen or macs >= layer.macs:
                 continue
             seen.add(rank)
-            ms = table.measure(conv_pass.layout(layer, rank), in_shape)
-            option = Option(method, list(rank), macs, -1.0, ms)
+            layout = conv_pass.layout(layer, rank)
+            ms, params = table.measure(layout, in_shape), sum(shape.params for shape in layout)
+            option = Option(method, list(rank), macs, -1.0, ms, FLOAT_BYTES * params)
             if spectra is not None:
                 tail = sum(float((s[rank[0] :] ** 2).sum()) for s in spectra)
                 option.error = float(np.sqrt(tail / sum(float((s**2).sum()) for s in spectra)))
@@ -166,7 +169,8 @@ def _outer_too_costly(method: str, layer: ConvLayer, rank: tuple[int, ...]) -> b
 def _fc_options(layer, config: OptimizeConfig, table) -> LayerPlan:
     k, m = layer.matrix.shape
     in_shape = (layer.rows * config.batch, k)
-    options = [Option(None, None, layer.macs, 0.0, table.measure([MatMulShape(k, m)], in_shape))]
+    ms = table.measure([MatMulShape(k, m)], in_shape)
+    options = [Option(None, None, layer.macs, 0.0, ms, FLOAT_BYTES * k * m)]
     fc_pass = FcSVDPass()
     s2 = fc_pass.spectra(layer)[0][0] ** 2
     seen = set()
@@ -178,7 +182,8 @@ def _fc_options(layer, config: OptimizeConfig, table) -> LayerPlan:
         seen.add(rank)
         ms = table.measure([MatMulShape(k, rank[0]), MatMulShape(rank[0], m)], in_shape)
         error = float(np.sqrt(s2[rank[0] :].sum() / s2.sum())) if s2.sum() else 0.0
-        options.append(Option("fc-svd", list(rank), macs, error, ms))
+        weight_bytes = FLOAT_BYTES * rank[0] * (k + m)
+        options.append(Option("fc-svd", list(rank), macs, error, ms, weight_bytes))
     return LayerPlan(layer.node.name, layer.node.op, options)
 
 
@@ -296,15 +301,25 @@ class InPlace:
     plan is built and timed, onnxruntime's profile of it gives each factored layer's time in
     place: that layer's options of the same method are then scaled by (in-place / table) of
     the option that ran.
-    `predict(step)` is what the planner expects of a step before building it: the measured
-    time of the nearest step built so far, plus the (scaled) differences of the layers whose
-    choice differs. Anchoring on a measurement keeps what no per-layer model sees (the rest of
-    the graph, the session's per-run cost, the profiler's per-kernel cost) out of the
-    prediction, which matters most in models that run in tens of microseconds. `warm_up`
-    learns from a quick trial build before the first plan, so that one is predicted so too."""
+    `predict(step)` is what the planner expects of a step before building it: the measured time
+    of the nearest step built so far, plus the (scaled) differences of the layers whose choice
+    differs, plus the cost of streaming the weights it adds (or minus what it drops): a layer's
+    in-place time also depends on how much weight the OTHER layers hold (on charnet conv3 as
+    channel-svd 48 ran 1.5x its table time beside conv2 separable 16 and 2.1x beside separable
+    120; benchmarks/latency_model.py), which no per-layer factor carries. Anchoring on a
+    measurement keeps what no per-layer model sees (the rest of the graph, the session's
+    per-run cost, the profiler's per-kernel cost) out of the prediction, which matters most in
+    models that run in tens of microseconds. `warm_up` learns from a quick trial build before
+    the first plan, so that one is predicted so too."""
 
     def __init__(
-        self, layers: list[LayerPlan], original: tuple, baseline_ms: float, profile, trial=None
+        self,
+        layers: list[LayerPlan],
+        original: tuple,
+        baseline_ms: float,
+        profile,
+        trial=None,
+        stream_ms_per_byte: float = 0.0,
     ):
         inside, other = original
         total = sum(inside.values()) + other
@@ -319,6 +334,10 @@ class InPlace:
         # (step, measured ms) of the original and of every build learned from
         self.built: list[tuple] = [(Step(baseline_ms, 0.0, [0] * len(layers)), baseline_ms)]
         self.changed = 0  # layers the last prediction changed from its anchor
+        # ms per byte of weights the model gains over its anchor (LatencyTable.stream_cost):
+        # a layer's in-place time depends on the other layers' weights too (cache), which the
+        # factors of the layers that change do not carry
+        self.stream = stream_ms_per_byte
 
     @property
     def learned(self) -> bool:
@@ -368,7 +387,11 @@ class InPlace:
         nearest = min(range(len(self.built)), key=lambda i: sum(map(abs, differences[i])))
         anchor, ms = self.built[nearest]
         self.changed = sum(a != b for a, b in zip(anchor.choices, step.choices))
-        return ms + sum(differences[nearest])
+        heavier = sum(
+            layer.options[now].weight_bytes - layer.options[was].weight_bytes
+            for layer, was, now in zip(self.layers, anchor.choices, step.choices)
+        )
+        return ms + sum(differences[nearest]) + self.stream * heavier
 
     def _cost(self, layer: LayerPlan, choice: int) -> float:
         option = layer.options[choice]
@@ -622,11 +645,14 @@ def run_planner(pinned: onnx.ModelProto, config: OptimizeConfig, data, build):
         model = build(pinned, config, None, Plan(layers, baseline).choices())[0]
         return model, baseline / measure_speedup(pinned, model, config, runs, feeds)
 
-    in_place = InPlace(layers, original, baseline, profiled, trial)
+    stream = table.stream_cost()
+    table.save()
+    in_place = InPlace(layers, original, baseline, profiled, trial, stream)
     plan, built = plan_for_target(layers, baseline, config, build_plan, evaluate, in_place)
     plan.notes.append(
         f"{scaled} of {len(layers)} layers' timings scaled to their profiled share of the model"
     )
+    plan.notes.append(f"weights streamed at {stream * 1e6:.3g} ms per MB (measured)")
     if data_errors:
         plan.notes.append("conv errors: relative output error on calibration input patches")
     if feeds:

@@ -22,11 +22,14 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from .bench import bench
 from .cost import ConvShape
 from .profile import kernel_times
 
 CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "onnx-lowrank")
 EDGE_KERNELS = ("ReorderInput", "ReorderOutput")  # layout changes at a one-layer model's edges
+FLOAT_BYTES = 4
+STREAM_SIZE, STREAM_COUNT, STREAM_RUNS = 362, 16, 1000  # 0.5 MB weights, 1 or 16 of them
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,28 @@ def chain_model(ops: list, in_shape: tuple[int, ...], seed: int = 0) -> onnx.Mod
         "chain",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(in_shape))],
         [helper.make_tensor_value_info(current, TensorProto.FLOAT, None)],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def _stream_chain(distinct: bool) -> onnx.ModelProto:
+    """STREAM_COUNT MatMuls of a (1, n) row by n x n weights: one weight shared by all, or one
+    each (the same arithmetic, 1 or STREAM_COUNT weights' bytes)."""
+    rng = np.random.default_rng(0)
+    n, nodes, inits, current = STREAM_SIZE, [], [], "x"
+    for i in range(STREAM_COUNT):
+        name = f"w{i if distinct else 0}"
+        if distinct or i == 0:
+            w = (rng.standard_normal((n, n)) / np.sqrt(n)).astype(np.float32)
+            inits.append(numpy_helper.from_array(w, name))
+        nodes.append(helper.make_node("MatMul", [current, name], [f"t{i}"]))
+        current = f"t{i}"
+    graph = helper.make_graph(
+        nodes,
+        "stream",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, n])],
+        [helper.make_tensor_value_info(current, TensorProto.FLOAT, [1, n])],
         inits,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
@@ -136,6 +161,23 @@ class LatencyTable:
         self.misses += 1
         model = chain_model(ops, in_shape)
         self.entries[key] = kernel_time(model, self.provider, self.threads, self.runs)
+        return self.entries[key]
+
+    def stream_cost(self, runs: int = STREAM_RUNS) -> float:
+        """Milliseconds per byte of weights a model reads from beyond the core's cache on each
+        run: two chains of the same MatMuls at batch 1, one reusing one weight (0.5 MB), one
+        with a weight of its own per MatMul (8.4 MB), timed side by side; the difference per
+        byte (at least 0). Cached like the chains. A chain timed alone keeps its weights in
+        the cache; inside a model whose weights do not fit, every run streams them again, and
+        the more weights, the more the other layers' are evicted too."""
+        key = f"stream;n={STREAM_SIZE};k={STREAM_COUNT};threads={self.threads or 0}"
+        if key not in self.entries:
+            models = [_stream_chain(distinct) for distinct in (False, True)]
+            shared, distinct = bench(models, self.provider, runs=runs, threads=self.threads)[
+                "median_ms"
+            ]
+            extra = FLOAT_BYTES * STREAM_SIZE**2 * (STREAM_COUNT - 1)
+            self.entries[key] = max(0.0, (distinct - shared) / extra)
         return self.entries[key]
 
     def save(self) -> None:

@@ -28,6 +28,7 @@ class Option:
     macs: int
     error: float
     ms: float
+    weight_bytes: int = 0  # its weights' share of the model's footprint (float32)
 
 
 @dataclass

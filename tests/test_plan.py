@@ -91,6 +91,30 @@ def test_latency_cache_is_reused_and_keyed_by_provider_and_version(tmp_path, mon
     assert cuda.path != again.path
 
 
+def test_weight_streaming_cost_is_measured_once_per_machine(tmp_path, monkeypatch):
+    """The per-byte cost of weights that do not stay in the cache: more weights, same
+    arithmetic, timed side by side; cached with the chain timings and keyed by threads."""
+    table = LatencyTable("cpu", threads=1, cache_dir=str(tmp_path), runs=3)
+    cost = table.stream_cost(runs=200)
+    assert cost >= 0.0
+    table.save()
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("timed again")
+
+    monkeypatch.setattr("onnx_lowrank.latency.bench", no_timing)
+    assert LatencyTable("cpu", threads=1, cache_dir=str(tmp_path)).stream_cost() == cost
+    calls = []
+    monkeypatch.setattr(
+        "onnx_lowrank.latency.bench",
+        lambda models, *a, **k: calls.append(models) or {"median_ms": [1.0, 3.0]},
+    )
+    two = LatencyTable("cpu", threads=2, cache_dir=str(tmp_path)).stream_cost()
+    (models,) = calls  # one shared weight against one per MatMul: 15 more of 362 x 362 float32
+    assert [len(m.graph.initializer) for m in models] == [1, 16]
+    assert abs(two - 2.0 / (4 * 362 * 362 * 15)) < 1e-15
+
+
 def _data_context(model, x):
     calibration = Calibration("cal.npz", size=len(x), fit="data", whiten=True)
     return DataContext(model, Samples({"x": x}), calibration)
@@ -215,6 +239,25 @@ def test_in_place_timings_correct_the_prediction():
     fresh = InPlace(_two_layers(), original, 10.0, lambda model: built)
     fresh.learn(step, None, 4.4)
     assert abs(fresh.factor["a", "m"] - 1.2) < 1e-12 and fresh.predict(step) == 4.4
+
+
+def test_the_prediction_adds_the_cost_of_streaming_the_weights_a_plan_adds():
+    """A step holding more weight bytes than its anchor is predicted slower by the measured
+    per-byte cost (the other layers' weights are evicted too), one holding less faster."""
+    from onnx_lowrank.auto import InPlace
+    from onnx_lowrank.plan import Step
+
+    layers = _two_layers()
+    for layer in layers:
+        for option, weight_bytes in zip(layer.options, (4000, 1000, 500)):
+            option.weight_bytes = weight_bytes
+    original = ({"a": 4.0, "b": 4.0}, 2.0)
+    plain = InPlace(layers, original, 10.0, lambda model: original)
+    streamed = InPlace(layers, original, 10.0, lambda model: original, stream_ms_per_byte=1e-3)
+    for step in (Step(7.0, 0, [1, 0]), Step(4.0, 0, [2, 2])):
+        dropped = sum(4000 - layers[0].options[c].weight_bytes for c in step.choices)
+        assert streamed.predict(step) == plain.predict(step) - 1e-3 * dropped
+    assert streamed.predict(Step(10.0, 0, [0, 0])) == 10.0  # the original itself
 
 
 def test_a_trial_build_corrects_the_first_plan_too():
