@@ -126,15 +126,8 @@ def main() -> int:
     )
 
     def nearest_footprint(in_place, step) -> float:
-        """Weight bytes of the anchor `in_place.predict(step)` starts from (same rule)."""
-
-        def left(anchor):
-            return sum(
-                abs(in_place._cost(layer, now) - in_place._cost(layer, was))
-                for layer, was, now in zip(layers, anchor.choices, step.choices)
-            )
-
-        anchor = min((a for a, _ in in_place.built), key=left)
+        """Weight bytes of the anchor `in_place.predict(step)` starts from."""
+        anchor, _ = in_place.built[in_place.nearest(step)[0]]
         return foot_of[tuple(anchor.choices)]
 
     single = {"factors only": [], "planner": []}

@@ -211,6 +211,14 @@ def verdict(rows: list[dict]) -> dict:
     }
 
 
+def within_15(errors: list[float]) -> str:
+    """'k/n within 15% (median, max)' of relative latency-prediction errors."""
+    return (
+        f"{sum(e <= 0.15 for e in errors)}/{len(errors)} within 15% (median"
+        f" {100 * np.median(errors):.1f}%, max {100 * max(errors):.1f}%)"
+    )
+
+
 def build_errors(rows: list[dict]) -> list[float]:
     """|corrected - measured| / measured over every plan built in the rows' searches."""
     return [
@@ -302,23 +310,17 @@ def print_verdict(v: dict) -> None:
     errs = v["prediction_errors"]
     if errs:
         print(
-            f"predicted vs measured latency: {v['prediction_within_15']}/{len(errs)} plans within"
-            f" 15% (median {100 * np.median(errs):.1f}%, max {100 * max(errs):.1f}%)"
+            f"predicted vs measured latency: {within_15(errs)}"
             f" -> {'PASS' if v['prediction_pass'] else 'FAIL'}"
         )
-        fin = v["corrected_errors"]
         print(
-            f"  with the in-place corrections (before each plan was built): "
-            f"{v['corrected_within_15']}/{len(fin)} within 15% (median "
-            f"{100 * np.median(fin):.1f}%, max {100 * max(fin):.1f}%)"
+            "  with the in-place corrections (before each plan was built): "
+            f"{within_15(v['corrected_errors'])}"
             f" -> {'PASS' if v['corrected_pass'] else 'FAIL'}"
         )
         every = v.get("builds_corrected_errors")
         if every:
-            print(
-                f"  every plan built on the way: {sum(e <= 0.15 for e in every)}/{len(every)}"
-                f" within 15% (median {100 * np.median(every):.1f}%, max {100 * max(every):.1f}%)"
-            )
+            print(f"  every plan built on the way: {within_15(every)}")
     direct = v.get("side_by_side")
     if direct:
         counts = collections.Counter(c["fit"] for c in direct.get("candidates", []))

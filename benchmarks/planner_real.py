@@ -43,7 +43,7 @@ from onnx_lowrank.config import Calibration
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import real_models as rm  # noqa: E402
-from planner import build_errors, latency_errors, pct  # noqa: E402
+from planner import build_errors, latency_errors, pct, within_15  # noqa: E402
 from realmodels import fetch, ocr, yolo  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -211,11 +211,7 @@ def main() -> int:
     ):
         errors = [e for e in errors if e is not None]
         if errors:
-            print(
-                f"predicted ({what}) vs measured latency: {sum(e <= 0.15 for e in errors)}/"
-                f"{len(errors)} within 15% (median {100 * np.median(errors):.1f}%,"
-                f" max {100 * max(errors):.1f}%)"
-            )
+            print(f"predicted ({what}) vs measured latency: {within_15(errors)}")
     print(f"wrote {args.out}")
     return 0
 

@@ -25,7 +25,7 @@ from .decompose.monochromatic import nearest_divisor
 from .decompose.svd import relative_error
 from .errors import LowRankError
 from .graph import import_graph
-from .latency import CACHE_DIR, LatencyTable, MatMulShape
+from .latency import CACHE_DIR, FLOAT_BYTES, LatencyTable, MatMulShape
 from .passes import CONV_PASSES
 from .passes.base import ConvLayer, read_conv
 from .passes.gemm import FcSVDPass, read_fc
@@ -54,7 +54,6 @@ CP_MAX_WEIGHTS = 256 * 256 * 9  # CP candidates only for layers up to this size 
 BASIS_MAX_CHANNELS = 8  # scheme 1 is a basis per input channel: for first layers only
 WARM_UP_BEYOND = 1.25  # the trial build before the first plan: predicted this much faster
 MAX_CORRECTIONS = 4  # measured builds beyond the first when bisecting for a speedup
-FLOAT_BYTES = 4  # factored weights are written as float32
 REFINE_ROUNDS = 3  # quality targets: greedy paths searched past a move that broke the limit
 
 
@@ -372,11 +371,11 @@ class InPlace:
                 return False
         return True
 
-    def predict(self, step) -> float:
-        """The nearest built step's measured time plus the differences in layer cost; the
-        nearest is the one that leaves the least to predict (the smallest sum of the layers'
-        absolute cost differences), so a far step whose layers all match but one does not win
-        over a near one that differs a little in two."""
+    def nearest(self, step) -> tuple[int, list[float]]:
+        """The built step a prediction of `step` starts from — the one that leaves the least
+        to predict (the smallest sum of the layers' absolute cost differences), so a far step
+        whose layers all match but one does not win over a near one that differs a little in
+        two — as its index in `built`, with those layer cost differences."""
         differences = [
             [
                 self._cost(layer, now) - self._cost(layer, was)
@@ -384,14 +383,20 @@ class InPlace:
             ]
             for anchor, _ in self.built
         ]
-        nearest = min(range(len(self.built)), key=lambda i: sum(map(abs, differences[i])))
-        anchor, ms = self.built[nearest]
+        index = min(range(len(self.built)), key=lambda i: sum(map(abs, differences[i])))
+        return index, differences[index]
+
+    def predict(self, step) -> float:
+        """The nearest built step's measured time plus the differences in layer cost and the
+        cost of streaming the weight bytes `step` adds over it."""
+        index, differences = self.nearest(step)
+        anchor, ms = self.built[index]
         self.changed = sum(a != b for a, b in zip(anchor.choices, step.choices))
         heavier = sum(
             layer.options[now].weight_bytes - layer.options[was].weight_bytes
             for layer, was, now in zip(self.layers, anchor.choices, step.choices)
         )
-        return ms + sum(differences[nearest]) + self.stream * heavier
+        return ms + sum(differences) + self.stream * heavier
 
     def _cost(self, layer: LayerPlan, choice: int) -> float:
         option = layer.options[choice]

@@ -28,7 +28,7 @@ from .profile import kernel_times
 
 CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "onnx-lowrank")
 EDGE_KERNELS = ("ReorderInput", "ReorderOutput")  # layout changes at a one-layer model's edges
-FLOAT_BYTES = 4
+FLOAT_BYTES = 4  # weights are timed, and factored weights written, as float32
 STREAM_SIZE, STREAM_COUNT, STREAM_RUNS = 362, 16, 1000  # 0.5 MB weights, 1 or 16 of them
 
 
