@@ -1,20 +1,22 @@
 """The planner's in-place latency correction, evaluated offline on fixed charnet plans.
 
-The planner predicts a plan before building it from the plans built so far (`auto.InPlace`):
-the measured time of the anchor that leaves the least to predict, plus each changed layer's
-table-time difference scaled by the (in-place / table) factor learned for that layer and
-method, plus the weight bytes it adds times the machine's measured cost of streaming a byte
-(`LatencyTable.stream_cost`). Inside a search the anchors and the targets come in one order;
-here every plan of a fixed grid (charnet conv2 separable 16-120 x conv3 separable 32 / 80 /
-channel-svd 48) is built and timed once, in one loop with the original (three loops, medians),
-and profiled, and the prediction is replayed for every target from every one or two other plans
-as anchors. The in-place / table factor of each layer in each plan is printed too. Variants of
-the correction are compared on the same measurements:
+The planner predicts a plan before building it from the plans built so far (`auto.InPlace`): the
+measured time of the anchor that leaves the least to predict, plus each changed layer's table-time
+difference scaled by the (in-place / table) factor learned for that layer and method, plus the
+change in the machine's measured cost of streaming the model's weights between the anchor's total
+weight bytes and the plan's (`LatencyTable.stream_curve`). Inside a search the anchors and the
+targets come in one order; here every plan of a fixed grid (charnet conv2 separable 16-120 x conv3
+separable 32 / 80 / channel-svd 48) is built and timed once, in one loop with the original (three
+loops, medians), and profiled, and the prediction is replayed for every target from every one or
+two other plans as anchors. The in-place / table factor of each layer in each plan is printed too.
+Variants of the correction are compared on the same measurements:
 
 - `factors only`: without the streaming term (each factor from the latest plan that ran the
   layer / method), as the planner predicted before the term was added; the variants below
   change this one;
-- `planner`: what `InPlace` does: the factors plus the measured streaming cost per byte;
+- `planner`: what `InPlace` does: the factors plus the streaming curve's change;
+- `one cost per byte`: the factors plus (weight bytes added) x one measured cost per byte
+  (the curve's 8 MB point per byte: what the planner used before the curve);
 - `footprint`: each factor from the anchor whose total weight bytes are nearest the target's
   (in-place factors grow with the model's weight footprint: cache);
 - `rank`: each factor from the anchor whose option of that layer (same method) is nearest in
@@ -48,7 +50,8 @@ from onnx_lowrank import auto
 from onnx_lowrank.api import _pinned_copy, build
 from onnx_lowrank.bench import bench
 from onnx_lowrank.config import OptimizeConfig
-from onnx_lowrank.latency import LatencyTable
+from onnx_lowrank.graph import weight_bytes
+from onnx_lowrank.latency import LatencyTable, StreamCurve
 from onnx_lowrank.plan import Step
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -79,7 +82,9 @@ def main() -> int:
     auto.AUTO_METHODS = ("separable", "channel-svd")  # the grid's methods: fewer options to time
     table = LatencyTable(config.provider, config.threads)
     layers = auto.layer_options(pinned, config, table)
-    stream = table.stream_cost()  # ms per byte, as the planner measures it
+    curve = table.stream_curve()  # as the planner measures it
+    sizes, costs = curve.points[-1]
+    per_byte = StreamCurve(((1.0, costs / (sizes * 15 / 16)),))  # one shared weight against 16
     names = [layer.node for layer in layers]
     baseline = bench([pinned], runs=RUNS, threads=1, batch=1)["median_ms"][0]
     original = auto._profiled(pinned, names, config)
@@ -101,10 +106,11 @@ def main() -> int:
     wall = np.median(np.array(loops), axis=0)
     profiles = [auto._profiled(m, names, config) for m in models]
 
-    def learned(anchors, stream: float = 0.0):
-        in_place = auto.InPlace(
-            layers, original, baseline, lambda m: profiles[models.index(m)], None, stream
-        )
+    other_bytes = weight_bytes(pinned) - sum(layer.options[0].weight_bytes for layer in layers)
+
+    def learned(anchors, stream=None):
+        profile = lambda m: profiles[models.index(m)]  # noqa: E731
+        in_place = auto.InPlace(layers, original, baseline, profile, None, stream, other_bytes)
         seen = {}  # (layer, method) -> [(footprint, factor, option's table ms)]
         for a in anchors:
             in_place.learn(steps[a], models[a], wall[a])
@@ -116,7 +122,7 @@ def main() -> int:
                     )
         return in_place, seen
 
-    errors = {"factors only": [], "planner": []}
+    errors = {"factors only": [], "planner": [], "one cost per byte": []}
     errors.update({k: [] for k in ("footprint", "rank", "footprint slope", "average")})
     errors["footprint term"] = []
     pairs = []  # (planner's prediction, measured, footprint over its anchor) per target
@@ -130,7 +136,7 @@ def main() -> int:
         anchor, _ = in_place.built[in_place.nearest(step)[0]]
         return foot_of[tuple(anchor.choices)]
 
-    single = {"factors only": [], "planner": []}
+    single = {"factors only": [], "planner": [], "one cost per byte": []}
     for anchors in itertools.chain(
         ([a] for a in range(len(plans))), itertools.permutations(range(len(plans)), 2)
     ):
@@ -142,13 +148,14 @@ def main() -> int:
             def err(predicted, t=t):
                 return abs(predicted - wall[t]) / wall[t]
 
-            streamed = learned(anchors, stream)[0].predict(steps[t])
+            streamed = learned(anchors, curve)[0].predict(steps[t])
+            linear = learned(anchors, per_byte)[0].predict(steps[t])
+            got = errors if len(anchors) == 2 else single
+            got["factors only"].append(err(in_place.predict(steps[t])))
+            got["planner"].append(err(streamed))
+            got["one cost per byte"].append(err(linear))
             if len(anchors) == 1:
-                single["factors only"].append(err(in_place.predict(steps[t])))
-                single["planner"].append(err(streamed))
                 continue
-            errors["factors only"].append(err(in_place.predict(steps[t])))
-            errors["planner"].append(err(streamed))
             kept = dict(in_place.factor)
             for key, observed in seen.items():
                 nearest = min(observed, key=lambda o: abs(np.log(o[0] / foot[t])))
@@ -234,10 +241,12 @@ def main() -> int:
             for i, (p, f, w) in enumerate(zip(plans, foot, map(float, wall)))
         ],
         "loops_ms": loops,
-        "stream_ms_per_mb": stream * 1e6,
+        "stream_curve_mb_ms": [[b / 1e6, c] for b, c in curve.points],
+        "stream_ms_per_mb_one_cost": per_byte.points[0][1] * 1e6,
         "one_anchor": {k: summary(v) for k, v in single.items()},
         "two_anchors": {k: summary(v) for k, v in errors.items()},
     }
+    print("weight-streaming curve: " + curve.describe())
     print(f"charnet baseline {baseline:.4f} ms; per plan: weights, wall time, in-place / table")
     for p in result["plans"]:
         label = " + ".join(f"{m} {'x'.join(map(str, r))}" for m, r in p["choices"].values())

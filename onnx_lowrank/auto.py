@@ -24,8 +24,8 @@ from .datafit import DataContext, input_patches, patch_moments, patch_output_err
 from .decompose.monochromatic import nearest_divisor
 from .decompose.svd import relative_error
 from .errors import LowRankError
-from .graph import import_graph
-from .latency import CACHE_DIR, FLOAT_BYTES, LatencyTable, MatMulShape
+from .graph import import_graph, weight_bytes
+from .latency import CACHE_DIR, FLOAT_BYTES, LatencyTable, MatMulShape, StreamCurve
 from .passes import CONV_PASSES
 from .passes.base import ConvLayer, read_conv
 from .passes.gemm import FcSVDPass, read_fc
@@ -181,8 +181,8 @@ def _fc_options(layer, config: OptimizeConfig, table) -> LayerPlan:
         seen.add(rank)
         ms = table.measure([MatMulShape(k, rank[0]), MatMulShape(rank[0], m)], in_shape)
         error = float(np.sqrt(s2[rank[0] :].sum() / s2.sum())) if s2.sum() else 0.0
-        weight_bytes = FLOAT_BYTES * rank[0] * (k + m)
-        options.append(Option("fc-svd", list(rank), macs, error, ms, weight_bytes))
+        nbytes = FLOAT_BYTES * rank[0] * (k + m)
+        options.append(Option("fc-svd", list(rank), macs, error, ms, nbytes))
     return LayerPlan(layer.node.name, layer.node.op, options)
 
 
@@ -302,10 +302,11 @@ class InPlace:
     the option that ran.
     `predict(step)` is what the planner expects of a step before building it: the measured time
     of the nearest step built so far, plus the (scaled) differences of the layers whose choice
-    differs, plus the cost of streaming the weights it adds (or minus what it drops): a layer's
-    in-place time also depends on how much weight the OTHER layers hold (on charnet conv3 as
-    channel-svd 48 ran 1.5x its table time beside conv2 separable 16 and 2.1x beside separable
-    120; benchmarks/latency_model.py), which no per-layer factor carries. Anchoring on a
+    differs, plus the change in the cost of streaming the model's weights (the machine's
+    measured curve at the step's total weight bytes minus at the anchor's): a layer's in-place
+    time also depends on how much weight the OTHER layers hold (on charnet conv3 as channel-svd
+    48 ran 1.5x its table time beside conv2 separable 16 and 2.1x beside separable 120;
+    benchmarks/latency_model.py), which no per-layer factor carries. Anchoring on a
     measurement keeps what no per-layer model sees (the rest of the graph, the session's
     per-run cost, the profiler's per-kernel cost) out of the prediction, which matters most in
     models that run in tens of microseconds. `warm_up` learns from a quick trial build before
@@ -318,7 +319,8 @@ class InPlace:
         baseline_ms: float,
         profile,
         trial=None,
-        stream_ms_per_byte: float = 0.0,
+        stream: StreamCurve | None = None,
+        other_bytes: float = 0.0,
     ):
         inside, other = original
         total = sum(inside.values()) + other
@@ -333,10 +335,11 @@ class InPlace:
         # (step, measured ms) of the original and of every build learned from
         self.built: list[tuple] = [(Step(baseline_ms, 0.0, [0] * len(layers)), baseline_ms)]
         self.changed = 0  # layers the last prediction changed from its anchor
-        # ms per byte of weights the model gains over its anchor (LatencyTable.stream_cost):
+        # the cost of streaming the model's weights by their total (LatencyTable.stream_curve):
         # a layer's in-place time depends on the other layers' weights too (cache), which the
-        # factors of the layers that change do not carry
-        self.stream = stream_ms_per_byte
+        # factors of the layers that change do not carry; `other_bytes`: the weights of the
+        # model outside the planned layers
+        self.stream, self.other_bytes = stream, other_bytes
 
     @property
     def learned(self) -> bool:
@@ -392,11 +395,18 @@ class InPlace:
         index, differences = self.nearest(step)
         anchor, ms = self.built[index]
         self.changed = sum(a != b for a, b in zip(anchor.choices, step.choices))
-        heavier = sum(
-            layer.options[now].weight_bytes - layer.options[was].weight_bytes
-            for layer, was, now in zip(self.layers, anchor.choices, step.choices)
+        streaming = 0.0
+        if self.stream is not None:
+            streaming = self.stream.ms(self.footprint(step)) - self.stream.ms(
+                self.footprint(anchor)
+            )
+        return ms + sum(differences) + streaming
+
+    def footprint(self, step) -> float:
+        """Bytes of weights the model holds at `step`."""
+        return self.other_bytes + sum(
+            layer.options[choice].weight_bytes for layer, choice in zip(self.layers, step.choices)
         )
-        return ms + sum(differences) + self.stream * heavier
 
     def _cost(self, layer: LayerPlan, choice: int) -> float:
         option = layer.options[choice]
@@ -650,14 +660,16 @@ def run_planner(pinned: onnx.ModelProto, config: OptimizeConfig, data, build):
         model = build(pinned, config, None, Plan(layers, baseline).choices())[0]
         return model, baseline / measure_speedup(pinned, model, config, runs, feeds)
 
-    stream = table.stream_cost()
+    stream = table.stream_curve()
     table.save()
-    in_place = InPlace(layers, original, baseline, profiled, trial, stream)
+    planned = sum(layer.options[0].weight_bytes for layer in layers)
+    other_bytes = max(0, weight_bytes(pinned) - planned)
+    in_place = InPlace(layers, original, baseline, profiled, trial, stream, other_bytes)
     plan, built = plan_for_target(layers, baseline, config, build_plan, evaluate, in_place)
     plan.notes.append(
         f"{scaled} of {len(layers)} layers' timings scaled to their profiled share of the model"
     )
-    plan.notes.append(f"weights streamed at {stream * 1e6:.3g} ms per MB (measured)")
+    plan.notes.append(f"cost of streaming the weights (measured): {stream.describe()}")
     if data_errors:
         plan.notes.append("conv errors: relative output error on calibration input patches")
     if feeds:

@@ -29,7 +29,9 @@ from .profile import kernel_times
 CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "onnx-lowrank")
 EDGE_KERNELS = ("ReorderInput", "ReorderOutput")  # layout changes at a one-layer model's edges
 FLOAT_BYTES = 4  # weights are timed, and factored weights written, as float32
-STREAM_SIZE, STREAM_COUNT, STREAM_RUNS = 362, 16, 1000  # 0.5 MB weights, 1 or 16 of them
+# the weight-streaming curve: 16 MatMuls sharing one weight or with one each, at these totals
+STREAM_COUNT, STREAM_RUNS = 16, 1000
+STREAM_MB = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
 
 
 @dataclass(frozen=True)
@@ -82,11 +84,40 @@ def chain_model(ops: list, in_shape: tuple[int, ...], seed: int = 0) -> onnx.Mod
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
 
 
-def _stream_chain(distinct: bool) -> onnx.ModelProto:
+@dataclass(frozen=True)
+class StreamCurve:
+    """What a model's weights cost to stream on each run, by their total size: the extra
+    milliseconds of a model whose weights total `bytes` over the same arithmetic on weights
+    that stay in the core's cache. Measured points (bytes, ms), linear between them, the last
+    segment's slope beyond; 0 at 0 bytes. A chain timed alone keeps its weights in the cache;
+    inside a model whose weights do not fit, every run streams them again — and on this
+    kind of machine that costs next to nothing below about 1 MB and ~0.03-0.07 ms per MB
+    above (latency_model.json), so one cost per byte cannot fit both sides of the knee."""
+
+    points: tuple[tuple[float, float], ...]
+
+    def ms(self, nbytes: float) -> float:
+        sizes = [0.0] + [b for b, _ in self.points]
+        costs = [0.0] + [c for _, c in self.points]
+        if nbytes <= sizes[-1] or len(sizes) < 2:
+            return float(np.interp(nbytes, sizes, costs))
+        slope = (costs[-1] - costs[-2]) / (sizes[-1] - sizes[-2])
+        return costs[-1] + slope * (nbytes - sizes[-1])
+
+    def describe(self) -> str:
+        """'0.004 ms at 1 MB, 0.054 at 2, 0.28 at 8' (the points at whole megabytes)."""
+        parts = [(b / 1e6, c) for b, c in self.points if abs(b / 1e6 - round(b / 1e6)) < 0.1]
+        return ", ".join(
+            f"{c:.2g} ms at {mb:.0f} MB" if i == 0 else f"{c:.2g} at {mb:.0f}"
+            for i, (mb, c) in enumerate(parts)
+        )
+
+
+def _stream_chain(n: int, distinct: bool) -> onnx.ModelProto:
     """STREAM_COUNT MatMuls of a (1, n) row by n x n weights: one weight shared by all, or one
     each (the same arithmetic, 1 or STREAM_COUNT weights' bytes)."""
     rng = np.random.default_rng(0)
-    n, nodes, inits, current = STREAM_SIZE, [], [], "x"
+    nodes, inits, current = [], [], "x"
     for i in range(STREAM_COUNT):
         name = f"w{i if distinct else 0}"
         if distinct or i == 0:
@@ -130,7 +161,7 @@ class LatencyTable:
         if cache_dir:
             digest = hashlib.sha1(ident.encode()).hexdigest()[:12]
             self.path = os.path.join(cache_dir, f"latency-{provider}-{digest}.json")
-        self.entries: dict[str, float] = {}
+        self.entries: dict[str, float | list] = {}  # chain ms; the streaming curve
         self.machine = ident
         self.hits = self.misses = 0
         if self.path and os.path.exists(self.path):
@@ -163,22 +194,25 @@ class LatencyTable:
         self.entries[key] = kernel_time(model, self.provider, self.threads, self.runs)
         return self.entries[key]
 
-    def stream_cost(self, runs: int = STREAM_RUNS) -> float:
-        """Milliseconds per byte of weights a model reads from beyond the core's cache on each
-        run: two chains of the same MatMuls at batch 1, one reusing one weight (0.5 MB), one
-        with a weight of its own per MatMul (8.4 MB), timed side by side; the difference per
-        byte (at least 0). Cached like the chains. A chain timed alone keeps its weights in
-        the cache; inside a model whose weights do not fit, every run streams them again, and
-        the more weights, the more the other layers' are evicted too."""
-        key = f"stream;n={STREAM_SIZE};k={STREAM_COUNT};threads={self.threads or 0}"
+    def stream_curve(self, runs: int = STREAM_RUNS) -> StreamCurve:
+        """The machine's weight-streaming cost by total weight size (StreamCurve): at each size
+        of STREAM_MB, two chains of the same STREAM_COUNT MatMuls at batch 1, one with a weight
+        of its own per MatMul (that size in all), one reusing one weight (1/16 of it), timed
+        side by side; the difference, made non-decreasing in size. Cached like the chains."""
+        sizes = ",".join(f"{mb:g}" for mb in STREAM_MB)
+        key = f"stream-curve;k={STREAM_COUNT};mb={sizes};threads={self.threads or 0}"
         if key not in self.entries:
-            models = [_stream_chain(distinct) for distinct in (False, True)]
-            shared, distinct = bench(models, self.provider, runs=runs, threads=self.threads)[
-                "median_ms"
-            ]
-            extra = FLOAT_BYTES * STREAM_SIZE**2 * (STREAM_COUNT - 1)
-            self.entries[key] = max(0.0, (distinct - shared) / extra)
-        return self.entries[key]
+            points, floor = [], 0.0
+            for mb in STREAM_MB:
+                n = int(round(np.sqrt(mb * 1e6 / (FLOAT_BYTES * STREAM_COUNT))))
+                models = [_stream_chain(n, distinct) for distinct in (False, True)]
+                shared, distinct = bench(models, self.provider, runs=runs, threads=self.threads)[
+                    "median_ms"
+                ]
+                floor = max(floor, distinct - shared)
+                points.append([FLOAT_BYTES * STREAM_COUNT * n * n, floor])
+            self.entries[key] = points
+        return StreamCurve(tuple((float(b), float(c)) for b, c in self.entries[key]))
 
     def save(self) -> None:
         """Write the table (atomically) so the next run reuses it."""

@@ -91,28 +91,47 @@ def test_latency_cache_is_reused_and_keyed_by_provider_and_version(tmp_path, mon
     assert cuda.path != again.path
 
 
-def test_weight_streaming_cost_is_measured_once_per_machine(tmp_path, monkeypatch):
-    """The per-byte cost of weights that do not stay in the cache: more weights, same
-    arithmetic, timed side by side; cached with the chain timings and keyed by threads."""
+def test_weight_streaming_curve_is_measured_once_per_machine(tmp_path, monkeypatch):
+    """The cost of weights that do not stay in the cache, by their total: more weights, same
+    arithmetic, timed side by side at each size; cached with the chain timings, keyed by
+    threads, and never decreasing with size."""
+    from onnx_lowrank.latency import STREAM_MB
+
     table = LatencyTable("cpu", threads=1, cache_dir=str(tmp_path), runs=3)
-    cost = table.stream_cost(runs=200)
-    assert cost >= 0.0
+    curve = table.stream_curve(runs=30)
+    sizes, costs = zip(*curve.points)
+    assert len(sizes) == len(STREAM_MB) and list(sizes) == sorted(sizes)
+    assert all(c >= 0 for c in costs) and list(costs) == sorted(costs)
     table.save()
 
     def no_timing(*args, **kwargs):
         raise AssertionError("timed again")
 
     monkeypatch.setattr("onnx_lowrank.latency.bench", no_timing)
-    assert LatencyTable("cpu", threads=1, cache_dir=str(tmp_path)).stream_cost() == cost
+    assert LatencyTable("cpu", threads=1, cache_dir=str(tmp_path)).stream_curve() == curve
     calls = []
+    slower = iter([1.0, 3.0, 1.0, 2.0] + [1.0, 4.0] * (len(STREAM_MB) - 2))
     monkeypatch.setattr(
         "onnx_lowrank.latency.bench",
-        lambda models, *a, **k: calls.append(models) or {"median_ms": [1.0, 3.0]},
+        lambda models, *a, **k: calls.append(models) or {"median_ms": [next(slower), next(slower)]},
     )
-    two = LatencyTable("cpu", threads=2, cache_dir=str(tmp_path)).stream_cost()
-    (models,) = calls  # one shared weight against one per MatMul: 15 more of 362 x 362 float32
-    assert [len(m.graph.initializer) for m in models] == [1, 16]
-    assert abs(two - 2.0 / (4 * 362 * 362 * 15)) < 1e-15
+    two = LatencyTable("cpu", threads=2, cache_dir=str(tmp_path)).stream_curve()
+    assert len(calls) == len(STREAM_MB)  # one shared weight against one per MatMul, per size
+    assert all([len(m.graph.initializer) for m in models] == [1, 16] for models in calls)
+    n = calls[0][1].graph.initializer[0].dims[0]
+    assert two.points[0][0] == 4 * 16 * n * n and abs(n * n * 64 - 0.25e6) < 64 * (2 * n + 1)
+    # 2 ms, then 1 (noise, kept at 2: the curve never falls), then 3 ms
+    assert [c for _, c in two.points[:3]] == [2.0, 2.0, 3.0]
+
+
+def test_the_streaming_curve_is_linear_between_its_points_and_beyond_the_last():
+    from onnx_lowrank.latency import StreamCurve
+
+    curve = StreamCurve(((1e6, 0.0), (2e6, 0.05), (4e6, 0.15)))
+    assert curve.ms(0) == 0.0 and curve.ms(5e5) == 0.0 and curve.ms(1e6) == 0.0
+    assert abs(curve.ms(1.5e6) - 0.025) < 1e-12 and abs(curve.ms(3e6) - 0.1) < 1e-12
+    assert abs(curve.ms(6e6) - 0.25) < 1e-12  # the last slope, 0.05 ms per MB, beyond
+    assert curve.describe() == "0 ms at 1 MB, 0.05 at 2, 0.15 at 4"
 
 
 def _data_context(model, x):
@@ -241,10 +260,12 @@ def test_in_place_timings_correct_the_prediction():
     assert abs(fresh.factor["a", "m"] - 1.2) < 1e-12 and fresh.predict(step) == 4.4
 
 
-def test_the_prediction_adds_the_cost_of_streaming_the_weights_a_plan_adds():
-    """A step holding more weight bytes than its anchor is predicted slower by the measured
-    per-byte cost (the other layers' weights are evicted too), one holding less faster."""
+def test_the_prediction_adds_the_change_in_the_cost_of_streaming_the_weights():
+    """A step whose model holds more weight bytes than its anchor's is predicted slower by the
+    machine's streaming curve at its total minus at the anchor's (the other layers' weights are
+    evicted too), one holding less faster; below the curve's knee a change costs nothing."""
     from onnx_lowrank.auto import InPlace
+    from onnx_lowrank.latency import StreamCurve
     from onnx_lowrank.plan import Step
 
     layers = _two_layers()
@@ -252,12 +273,19 @@ def test_the_prediction_adds_the_cost_of_streaming_the_weights_a_plan_adds():
         for option, weight_bytes in zip(layer.options, (4000, 1000, 500)):
             option.weight_bytes = weight_bytes
     original = ({"a": 4.0, "b": 4.0}, 2.0)
+    curve = StreamCurve(((3000, 0.0), (9000, 6.0)))  # 1 ms per 1000 bytes past 3000
     plain = InPlace(layers, original, 10.0, lambda model: original)
-    streamed = InPlace(layers, original, 10.0, lambda model: original, stream_ms_per_byte=1e-3)
-    for step in (Step(7.0, 0, [1, 0]), Step(4.0, 0, [2, 2])):
-        dropped = sum(4000 - layers[0].options[c].weight_bytes for c in step.choices)
-        assert streamed.predict(step) == plain.predict(step) - 1e-3 * dropped
+    streamed = InPlace(
+        layers, original, 10.0, lambda model: original, stream=curve, other_bytes=1000
+    )
+    # the original holds 9000 bytes (6 ms of streaming); [1, 0]: 6000 (3 ms); [2, 2]: 2000 (0)
+    assert streamed.footprint(Step(0, 0, [0, 0])) == 9000
+    assert streamed.predict(Step(7.0, 0, [1, 0])) == plain.predict(Step(7.0, 0, [1, 0])) - 3.0
+    assert streamed.predict(Step(4.0, 0, [2, 2])) == plain.predict(Step(4.0, 0, [2, 2])) - 6.0
     assert streamed.predict(Step(10.0, 0, [0, 0])) == 10.0  # the original itself
+    streamed.built.append((Step(4.0, 0, [2, 2]), 3.0))  # measured: below the knee
+    # from it to 2500 bytes: still below the knee, only b's table difference (0.5 -> 1.0 ms)
+    assert streamed.predict(Step(4.0, 0, [2, 1])) == 3.0 + 0.5
 
 
 def test_a_trial_build_corrects_the_first_plan_too():
