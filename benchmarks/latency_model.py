@@ -44,14 +44,13 @@ import sys
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from onnx_lowrank import auto
 from onnx_lowrank.api import _pinned_copy, build
 from onnx_lowrank.bench import bench
 from onnx_lowrank.config import OptimizeConfig
 from onnx_lowrank.graph import weight_bytes
-from onnx_lowrank.latency import LatencyTable, StreamCurve
+from onnx_lowrank.latency import STREAM_COUNT, LatencyTable, StreamCurve
 from onnx_lowrank.plan import Step
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -84,7 +83,8 @@ def main() -> int:
     layers = auto.layer_options(pinned, config, table)
     curve = table.stream_curve()  # as the planner measures it
     sizes, costs = curve.points[-1]
-    per_byte = StreamCurve(((1.0, costs / (sizes * 15 / 16)),))  # one shared weight against 16
+    # one shared weight against STREAM_COUNT: the bytes the distinct chain adds over the shared
+    per_byte = StreamCurve(((1.0, costs / (sizes * (STREAM_COUNT - 1) / STREAM_COUNT)),))
     names = [layer.node for layer in layers]
     baseline = bench([pinned], runs=RUNS, threads=1, batch=1)["median_ms"][0]
     original = auto._profiled(pinned, names, config)
@@ -98,19 +98,18 @@ def main() -> int:
     for plan in plans:
         steps.append(Step(0.0, 0.0, [index[n].get(plan[n], 0) if n in plan else 0 for n in names]))
         models.append(build(pinned, config, None, plan)[0])
-        foot.append(sum(numpy_helper.to_array(i).nbytes for i in models[-1].graph.initializer))
+        foot.append(weight_bytes(models[-1]))
     loops = []
     for _ in range(LOOPS):  # each plan on the baseline's scale, all in one loop
         ms = bench([pinned, *models], runs=RUNS, threads=1, batch=1)["median_ms"]
         loops.append([baseline * t / ms[0] for t in ms[1:]])
     wall = np.median(np.array(loops), axis=0)
     profiles = [auto._profiled(m, names, config) for m in models]
-
-    other_bytes = weight_bytes(pinned) - sum(layer.options[0].weight_bytes for layer in layers)
+    model_bytes = weight_bytes(pinned)
 
     def learned(anchors, stream=None):
         profile = lambda m: profiles[models.index(m)]  # noqa: E731
-        in_place = auto.InPlace(layers, original, baseline, profile, None, stream, other_bytes)
+        in_place = auto.InPlace(layers, original, baseline, profile, None, stream, model_bytes)
         seen = {}  # (layer, method) -> [(footprint, factor, option's table ms)]
         for a in anchors:
             in_place.learn(steps[a], models[a], wall[a])
@@ -127,9 +126,7 @@ def main() -> int:
     errors["footprint term"] = []
     pairs = []  # (planner's prediction, measured, footprint over its anchor) per target
     foot_of = {tuple(s.choices): f for s, f in zip(steps, foot)}
-    foot_of[(0,) * len(layers)] = sum(
-        numpy_helper.to_array(i).nbytes for i in pinned.graph.initializer
-    )
+    foot_of[(0,) * len(layers)] = model_bytes
 
     def nearest_footprint(in_place, step) -> float:
         """Weight bytes of the anchor `in_place.predict(step)` starts from."""

@@ -320,7 +320,7 @@ class InPlace:
         profile,
         trial=None,
         stream: StreamCurve | None = None,
-        other_bytes: float = 0.0,
+        model_bytes: float = 0.0,
     ):
         inside, other = original
         total = sum(inside.values()) + other
@@ -337,9 +337,11 @@ class InPlace:
         self.changed = 0  # layers the last prediction changed from its anchor
         # the cost of streaming the model's weights by their total (LatencyTable.stream_curve):
         # a layer's in-place time depends on the other layers' weights too (cache), which the
-        # factors of the layers that change do not carry; `other_bytes`: the weights of the
-        # model outside the planned layers
-        self.stream, self.other_bytes = stream, other_bytes
+        # factors of the layers that change do not carry; `model_bytes`: the original model's
+        # weights, of which those outside the planned layers stay in every step
+        self.stream = stream
+        planned = sum(layer.options[0].weight_bytes for layer in layers)
+        self.other_bytes = max(0.0, model_bytes - planned)
 
     @property
     def learned(self) -> bool:
@@ -662,9 +664,7 @@ def run_planner(pinned: onnx.ModelProto, config: OptimizeConfig, data, build):
 
     stream = table.stream_curve()
     table.save()
-    planned = sum(layer.options[0].weight_bytes for layer in layers)
-    other_bytes = max(0, weight_bytes(pinned) - planned)
-    in_place = InPlace(layers, original, baseline, profiled, trial, stream, other_bytes)
+    in_place = InPlace(layers, original, baseline, profiled, trial, stream, weight_bytes(pinned))
     plan, built = plan_for_target(layers, baseline, config, build_plan, evaluate, in_place)
     plan.notes.append(
         f"{scaled} of {len(layers)} layers' timings scaled to their profiled share of the model"

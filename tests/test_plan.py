@@ -276,7 +276,7 @@ def test_the_prediction_adds_the_change_in_the_cost_of_streaming_the_weights():
     curve = StreamCurve(((3000, 0.0), (9000, 6.0)))  # 1 ms per 1000 bytes past 3000
     plain = InPlace(layers, original, 10.0, lambda model: original)
     streamed = InPlace(
-        layers, original, 10.0, lambda model: original, stream=curve, other_bytes=1000
+        layers, original, 10.0, lambda model: original, stream=curve, model_bytes=9000
     )
     # the original holds 9000 bytes (6 ms of streaming); [1, 0]: 6000 (3 ms); [2, 2]: 2000 (0)
     assert streamed.footprint(Step(0, 0, [0, 0])) == 9000
