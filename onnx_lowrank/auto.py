@@ -122,10 +122,10 @@ def _conv_options(
                 tail = sum(float((s[rank[0] :] ** 2).sum()) for s in spectra)
                 option.error = float(np.sqrt(tail / sum(float((s**2).sum()) for s in spectra)))
             elif exact:  # closed-form whitened fits: cheap enough to run here
-                approx = conv_pass.decompose(layer, rank).reconstruct()
+                approx = conv_pass.factor(layer, rank).reconstruct()
                 option.error = patch_output_error(layer.weight, approx, patches, layer.group)
             else:
-                tasks.append((option, method, layer, patches))
+                tasks.append((option, method, layer, patches, layer.moments))
             options.append(option)
         layer.moments = None
     return LayerPlan(layer.node.name, "Conv", options)
@@ -191,16 +191,16 @@ def _fill_errors(tasks, seed: int, workers: int | None) -> None:
     disk cache keyed by (weight hash, method, rank, seed)."""
     cache = _FitCache()
     todo = []
-    for option, method, layer, patches in tasks:
-        key = cache.key(layer.weight, method, option.rank, seed, patches)
+    for option, method, layer, patches, moments in tasks:
+        key = cache.key(layer.weight, method, option.rank, seed, patches, moments is not None)
         if key in cache.entries:
             option.error = cache.entries[key]
         else:
-            todo.append((key, option, method, layer, patches))
+            todo.append((key, option, method, layer, patches, moments))
     if todo:
         jobs = [
-            (method, layer.weight, layer.geometry, layer.spatial_in, tuple(o.rank), seed)
-            for _, o, method, layer, _ in todo
+            (method, layer.weight, layer.geometry, layer.spatial_in, tuple(o.rank), seed, moments)
+            for _, o, method, layer, _, moments in todo
         ]
         workers = workers or min(len(jobs), os.cpu_count() or 1)
         if workers > 1:  # one BLAS thread per worker: oversubscribed BLAS is many times slower
@@ -208,7 +208,7 @@ def _fill_errors(tasks, seed: int, workers: int | None) -> None:
                 approximations = list(pool.map(_fit, jobs))
         else:
             approximations = [_fit(job) for job in jobs]
-        for (key, option, _, layer, patches), approx in zip(todo, approximations):
+        for (key, option, _, layer, patches, _), approx in zip(todo, approximations):
             error = (
                 relative_error(approx, layer.weight)
                 if patches is None
@@ -225,10 +225,10 @@ def _one_blas_thread() -> None:
 
 
 def _fit(job) -> np.ndarray:
-    """The weight a method's fit (weights alone) reconstructs at a rank."""
-    method, weight, geometry, spatial, rank, seed = job
-    layer = ConvLayer(None, weight, None, geometry, list(spatial), True)
-    return CONV_PASSES[method](seed=seed).decompose(layer, rank).reconstruct()
+    """The weight a method's fit (whitened by `moments` when given) reconstructs at a rank."""
+    method, weight, geometry, spatial, rank, seed, moments = job
+    layer = ConvLayer(None, weight, None, geometry, list(spatial), True, moments)
+    return CONV_PASSES[method](seed=seed).factor(layer, rank).reconstruct()
 
 
 class _FitCache:
@@ -243,12 +243,16 @@ class _FitCache:
             self.entries = {}
 
     @staticmethod
-    def key(weight: np.ndarray, method: str, rank, seed: int, patches=None) -> str:
-        """(weight hash, method, rank, seed) and the fit: weights, or data and which data."""
+    def key(
+        weight: np.ndarray, method: str, rank, seed: int, patches=None, whitened: bool = False
+    ) -> str:
+        """(weight hash, method, rank, seed) and the fit: weights, or data and which data
+        (and whether the fit was whitened on it)."""
         digest = hashlib.sha1(np.ascontiguousarray(weight).tobytes()).hexdigest()[:16]
         fit = "weights"
         if patches is not None:
             fit = "data:" + hashlib.sha1(np.ascontiguousarray(patches).tobytes()).hexdigest()[:16]
+            fit += ":whitened" if whitened else ""
         return f"{digest}|{weight.shape}|{method}|{list(rank)}|{seed}|{fit}"
 
     def save(self) -> None:

@@ -3,7 +3,8 @@
 Per layer, in graph order (sequential mode: on inputs produced by the already compressed upstream
 layers, so their error is corrected here; otherwise on the original model's inputs):
 1. whitening (methods whose pass names patches): the second moment of the layer's input patches
-   weighs the factorization (Denton eq. 3);
+   weighs the factorization (Denton eq. 3) — for tucker2 and cp, whose chain opens with a 1x1
+   conv, that of the input channels;
 2. the pass factors and splices its chain;
 3. data reconstruction (`fit="data"`): the chain's last Conv is refitted by least squares so
    the chain's output matches the ORIGINAL layer's output on the calibration data; bias
@@ -248,10 +249,13 @@ def input_patches(ctx: DataContext, layers: list[ConvLayer]) -> dict[str, np.nda
 
 def patch_moments(patches: np.ndarray, group: int, kernel: tuple[int, ...] | None = None):
     """Per group, the second moment of `patches` (rows, C, kH, kW); with `kernel` (kH, 1), of
-    their kH x 1 columns (the input patches of a separable chain's vertical conv)."""
+    their kH x 1 columns (the input patches of a separable chain's vertical conv); with a 1x1
+    `kernel`, of the channel vectors at every position (what a chain's first 1x1 conv reads)."""
     moments = []
     for part in np.split(patches.astype(np.float64), group, axis=1):
-        if kernel is not None and kernel[-1] == 1 and part.shape[-1] > 1:
+        if kernel is not None and all(k == 1 for k in kernel):
+            flat = np.moveaxis(part, 1, -1).reshape(-1, part.shape[1])
+        elif kernel is not None and kernel[-1] == 1 and part.shape[-1] > 1:
             # every column is a patch of the kH x 1 conv: (rows * kW, C * kH)
             flat = part.transpose(0, 3, 1, 2).reshape(-1, part.shape[1] * part.shape[2])
         else:

@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import onnx_graphsurgeon as gs
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from modelgen import conv_model, run
@@ -174,6 +175,42 @@ def test_planner_errors_follow_the_calibration_data(tmp_path, monkeypatch):
     whitened = [i for i, o in enumerate(by_data) if o.method in ("separable", "channel-svd")]
     assert len(whitened) >= 4
     assert max(by_data[i].error for i in whitened) < 1e-3 < min(o.error for o in by_weights)
+
+
+def test_planner_whitens_the_chains_that_open_with_a_1x1_conv(tmp_path, monkeypatch):
+    """tucker2 and cp under --whiten: the planner's data errors are those of the whitened fits
+    (far below the plain fits' on inputs that use one channel), as the build computes them."""
+    import onnx_lowrank as ol
+
+    monkeypatch.setattr("onnx_lowrank.auto.CACHE_DIR", str(tmp_path))
+    rng = np.random.default_rng(4)
+    weight = rng.standard_normal((16, 8, 3, 3)).astype(np.float32)
+    model = conv_model(weight, [1, 8, 12, 12])
+    x = np.zeros((8, 8, 12, 12), np.float32)
+    x[:, 0] = rng.standard_normal((8, 1, 1))
+    config = OptimizeConfig.from_options(method="auto", speedup=2.0)
+    table = LatencyTable("cpu", cache_dir=str(tmp_path), runs=2)
+    plans = {}
+    for whiten in (False, True):
+        calibration = Calibration("cal.npz", size=len(x), fit="data", whiten=whiten)
+        data = DataContext(model, Samples({"x": x}), calibration)
+        options = layer_options(model, config, table, workers=1, data=data)[0].options[1:]
+        plans[whiten] = {(o.method, tuple(o.rank)): o.error for o in options}
+    pointwise = [k for k in plans[True] if k[0] in ("tucker2", "cp")]
+    assert len(pointwise) >= 6
+    assert all(plans[True][k] < plans[False][k] for k in pointwise)
+    np.savez(tmp_path / "cal.npz", x=x)
+    _, report = ol.optimize(
+        model,
+        method="tucker2",
+        ranks=(5, 8),
+        check=0,
+        rank_multiple=1,
+        calibration=Calibration(str(tmp_path / "cal.npz"), whiten=True),
+    )
+    assert report.records[0].output_error_before == pytest.approx(
+        plans[True][("tucker2", (5, 8))], abs=0.02
+    )
 
 
 def test_unnamed_layers_are_planned_apart(tmp_path, monkeypatch):

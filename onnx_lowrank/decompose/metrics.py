@@ -7,6 +7,11 @@ optimisation), in closed form.
   singular subspace of the whitened map: for W (out x in) read as y = W p, W' = U_k U_k^T W
   with U_k from svd(W S^(1/2)); for M read as y = M^T p, M' = M V_k V_k^T with V_k from
   svd(S^(1/2) M)^T. No inverse of S is needed, and with S = I both are the plain truncated SVD.
+- Chains that open with a 1x1 conv over the input channels (tucker2, cp): with S the second
+  moment of the input channels, W x = (W S^(1/2)) (S^(-1/2) x), so the weight with its input
+  channels whitened, W S^(1/2), is factored by the method as it is, and the first 1x1 conv takes
+  S^(-1/2) back: the factorization's own error becomes the output error on the data. S = I
+  gives the weight-only fit.
 - Data reconstruction: the last factor of a chain is linear in its weights given the chain's
   intermediate activations Z, so min ||Y - Z A||^2 is the ridge-regularised normal equations
   (Z^T Z + lambda I) A = Z^T Y, solved from accumulated Gram matrices.
@@ -118,6 +123,42 @@ def whitened_matrix_spectrum(matrix: np.ndarray, moment: np.ndarray) -> np.ndarr
     """Singular values of S^(1/2) W: the data energy of a fully connected weight."""
     matrix = np.asarray(matrix, np.float64)
     return _eig_spectrum(matrix.T @ regularized(moment) @ matrix)
+
+
+def channel_roots(moments: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per group, (S^(1/2), S^(-1/2)) of the regularised input-channel second moment S."""
+    roots = []
+    for moment in moments:
+        values, vectors = np.linalg.eigh(regularized(moment))
+        values = np.clip(values, values.max() * 1e-12, None) if values.size else values
+        roots.append(
+            ((vectors * np.sqrt(values)) @ vectors.T, (vectors / np.sqrt(values)) @ vectors.T)
+        )
+    return roots
+
+
+def whiten_input_channels(
+    weight: np.ndarray, roots: list[tuple[np.ndarray, np.ndarray]], groups: int = 1
+) -> np.ndarray:
+    """W S^(1/2) along the input-channel axis, group by group (float64)."""
+    return np.concatenate(
+        [
+            np.einsum("nc...,cd->nd...", block, half)
+            for block, (half, _) in zip(_blocks(weight, groups), roots)
+        ]
+    )
+
+
+def unwhiten_first(
+    first: np.ndarray, roots: list[tuple[np.ndarray, np.ndarray]], groups: int = 1
+) -> np.ndarray:
+    """The first 1x1 conv's weight (R*g, C/g, 1...) fitted to whitened inputs, made to read the
+    raw ones: F S^(-1/2), group by group."""
+    parts = []
+    for block, (_, inverse) in zip(np.split(np.asarray(first, np.float64), groups), roots):
+        flat = block.reshape(len(block), -1) @ inverse
+        parts.append(flat.reshape(block.shape))
+    return _f32(parts)
 
 
 def least_squares(

@@ -7,13 +7,14 @@ turns that into a rank choice against the user's target, a rewrite and a LayerRe
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..config import OptimizeConfig, RankSpec
 from ..cost import ConvShape, chain_macs
+from ..decompose.metrics import channel_roots, unwhiten_first, whiten_input_channels
 from ..decompose.rank import rank_for_energy, rank_for_error
 from ..decompose.svd import relative_error
 from ..errors import LowRankError
@@ -181,10 +182,39 @@ class ConvPass(RankedPass):
             return "depthwise conv: no low-rank form pays"
         return None
 
+    # the chain opens with a 1x1 conv over the input channels (tucker2, cp): whitening weighs
+    # the input channels by their second moment and the pass factors the whitened weight
+    pointwise_first = False
+
     def whitening(self, layer: ConvLayer) -> ConvGeometry | None:
         """The patches whose second moment a data-aware fit weighs the error with (None: this
         method fits the weights alone and relies on the least-squares refit)."""
-        return None
+        return stage_geometry(len(layer.kernel), layer.group) if self.pointwise_first else None
+
+    def metric_weight(self, layer: ConvLayer) -> np.ndarray:
+        """The weight a pointwise-first pass factors: W S^(1/2), with S the second moment of the
+        input channels in `layer.moments`; the weight itself without moments."""
+        if layer.moments is None or not self.pointwise_first:
+            return layer.weight
+        return whiten_input_channels(layer.weight, channel_roots(layer.moments), layer.group)
+
+    def factor(self, layer: ConvLayer, rank: tuple[int, ...]):
+        """`decompose` in the data's metric (Denton eq. 3) when `layer.moments` is set: a
+        pointwise-first pass factors W S^(1/2) and its first conv takes S^(-1/2) back, so the
+        chain computes W's approximation on raw inputs; other passes whiten inside decompose."""
+        if layer.moments is None or not self.pointwise_first:
+            return self.decompose(layer, rank)
+        roots = channel_roots(layer.moments)
+        whitened = replace(
+            layer, weight=whiten_input_channels(layer.weight, roots, layer.group), moments=None
+        )
+        factors = self.decompose(whitened, rank)
+        factors = replace(factors, first=unwhiten_first(factors.first, roots, layer.group))
+        if hasattr(factors, "relative_error"):  # cp keeps its chain's error: against W itself
+            factors = replace(
+                factors, relative_error=relative_error(factors.reconstruct(), layer.weight)
+            )
+        return factors
 
     def layout(self, layer: ConvLayer, rank: tuple[int, ...]) -> list[ConvShape]:
         """The chain's Conv shapes at `rank`, in order (weights not needed)."""
@@ -218,7 +248,7 @@ class ConvPass(RankedPass):
                 f"{record.macs_after / record.macs_before:.2f}x the layer's MACs"
             )
             return record
-        factors = self.decompose(layer, rank)
+        factors = self.factor(layer, rank)
         record.fit_error = relative_error(factors.reconstruct(), layer.weight)
         spec = config.target(self.method)
         if spec.kind == "error" and record.fit_error > spec.value * (1 + 1e-6):

@@ -22,6 +22,7 @@ _FITS: dict[tuple, CPFactors] = {}  # this process's CP fits, oldest dropped fir
 
 class CPPass(ConvPass):
     method = "cp"
+    pointwise_first = True
 
     def skip_reason(self, layer: ConvLayer) -> str | None:
         if len(layer.kernel) != 2:
@@ -39,7 +40,7 @@ class CPPass(ConvPass):
         if spec.kind == "rank":  # CP has no full rank to clip to; "no gain" guards the cost
             return (int(spec.value),)
         if spec.kind == "error":
-            rank = cp_rank_for_error(layer.weight, spec.value, seed=self.seed)
+            rank = cp_rank_for_error(self.metric_weight(layer), spec.value, seed=self.seed)
             return (_round_up(rank, multiple) if rank >= multiple else rank,)
         return super().choose_rank(layer, spec, multiple)
 

@@ -61,6 +61,7 @@ class ChannelSVDPass(ConvPass):
 class Tucker2Pass(ConvPass):
     method = "tucker2"
     two_ranks = True
+    pointwise_first = True
 
     def skip_reason(self, layer: ConvLayer) -> str | None:
         if math.prod(layer.kernel) == 1:
@@ -72,7 +73,7 @@ class Tucker2Pass(ConvPass):
         return layer.in_channels // g, layer.out_channels // g
 
     def spectra(self, layer: ConvLayer) -> list[list[np.ndarray]]:
-        pairs = tucker2_spectra(layer.weight, layer.group)
+        pairs = tucker2_spectra(self.metric_weight(layer), layer.group)
         return [[p[0] for p in pairs], [p[1] for p in pairs]]
 
     def layout(self, layer: ConvLayer, rank: tuple[int, ...]) -> list[ConvShape]:
