@@ -13,7 +13,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .assemble import assemble, tag_origins
-from .calibrate import load_samples
+from .calibrate import fixed_batch, load_samples
 from .config import NO_ENERGY, OptimizeConfig
 from .cost import model_macs
 from .datafit import DataContext, fit_layer, refit_kept
@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 LEFT_ALONE = {"ConvTranspose", "QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulInteger"}
 FC_OPS = ("Gemm", "MatMul")
 PLANNED_PASSES = {**CONV_PASSES, "fc-svd": FcSVDPass}  # what a plan's (method, rank) names
+CHECK_SAMPLES = 64  # real inputs (--data, else calibration) the output check runs on
 
 
 def optimize(
@@ -74,7 +75,7 @@ def optimize(
     report = Report(records=records, config=config.to_dict(), plan=plan)
     report.totals = _totals(pinned, result)
     if config.check:
-        report.validation = _check(pinned, result, config)
+        report.validation = _check(pinned, result, config, data)
     if output is not None:
         save_model(result, output, external=external or external_data)
         report.totals["file_bytes_after"] = os.path.getsize(output)
@@ -269,9 +270,27 @@ def _size(model: onnx.ModelProto) -> int:
         return weight_bytes(model)
 
 
-def _check(before: onnx.ModelProto, after: onnx.ModelProto, config: OptimizeConfig) -> dict:
-    feeds = random_inputs(before, config.check, seed=config.seed)
-    result = compare(before, after, feeds, provider=config.provider)
+def _check(
+    before: onnx.ModelProto,
+    after: onnx.ModelProto,
+    config: OptimizeConfig,
+    data: DataContext | None = None,
+) -> dict:
+    """The new model's outputs against the original's: on real inputs when there are some (the
+    first CHECK_SAMPLES of --data, with accuracy when it has labels, else of the calibration
+    samples), otherwise on `config.check` seeded random inputs."""
+    samples, source = None, "random"
+    if config.data:
+        samples, source = load_samples(config.data, before, limit=CHECK_SAMPLES), "--data"
+    elif data is not None:
+        samples, source = data.samples, "calibration"
+    if samples is None:
+        feeds, labels = random_inputs(before, config.check, seed=config.seed), None
+    else:
+        samples = samples.head(CHECK_SAMPLES)
+        feeds, labels = list(samples.batches(fixed_batch(before, samples) or 32)), samples.labels
+    result = compare(before, after, feeds, labels, provider=config.provider)
+    result["inputs"] = source
     if config.tolerance is not None:
         result["tolerance"] = config.tolerance
         result["passed"] = result["max_rel_error"] <= config.tolerance

@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 
 from .bench import bench
+from .calibrate import fixed_batch, load_samples
 from .config import CLUSTERED, OptimizeConfig
 from .datafit import DataContext, input_patches, patch_moments, patch_output_error
 from .decompose.monochromatic import nearest_divisor
@@ -734,8 +735,6 @@ class _Quality:
     def __init__(self, reference: onnx.ModelProto, config: OptimizeConfig):
         self.reference, self.config, self.samples = reference, config, None
         if config.data:
-            from .calibrate import load_samples
-
             self.samples = load_samples(config.data, reference)
 
     def __call__(self, model) -> dict:
@@ -743,7 +742,7 @@ class _Quality:
             return {}
         from .validate import compare
 
-        feeds = list(self.samples.batches(64))
+        feeds = list(self.samples.batches(fixed_batch(self.reference, self.samples) or 64))
         result = compare(self.reference, model, feeds, self.samples.labels, self.config.provider)
         out = {"output_error": result["max_rel_error"]}
         if "accuracy_reference" in result:

@@ -38,10 +38,24 @@ class Samples:
     def __len__(self) -> int:
         return len(next(iter(self.arrays.values())))
 
+    def head(self, count: int) -> Samples:
+        """The first `count` samples (and their labels)."""
+        labels = None if self.labels is None else self.labels[:count]
+        return Samples({k: v[:count] for k, v in self.arrays.items()}, labels)
+
     def batches(self, size: int) -> Iterator[dict[str, np.ndarray]]:
         """Feeds of up to `size` samples each, in order."""
         for start in range(0, len(self), size):
             yield {k: v[start : start + size] for k, v in self.arrays.items()}
+
+
+def fixed_batch(model: onnx.ModelProto, samples: Samples) -> int | None:
+    """The batch size the model's inputs fix (exported with batch 1, say), else None."""
+    for vi in model.graph.input:
+        dims = vi.type.tensor_type.shape.dim
+        if vi.name in samples.arrays and dims and dims[0].dim_value > 0:
+            return dims[0].dim_value
+    return None
 
 
 def load_samples(

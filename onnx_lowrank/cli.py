@@ -99,7 +99,8 @@ def _add_common(p: argparse.ArgumentParser, check: bool = True) -> None:
             type=int,
             default=2,
             metavar="N",
-            help="random inputs for the output check (default 2; 0 skips it)",
+            help="random inputs for the output check (default 2; 0 skips it); real inputs "
+            "replace them when given (--data; optimize: also --calibration, the first 64)",
         )
     p.add_argument(
         "--seed", type=int, default=0, help="seed for random inputs and fits (default 0)"

@@ -25,7 +25,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from .assemble import assemble
-from .calibrate import Samples
+from .calibrate import Samples, fixed_batch
 from .config import Calibration, OptimizeConfig
 from .decompose.metrics import RIDGE, cross_validated_ridge, least_squares, residual
 from .errors import LowRankError
@@ -133,7 +133,7 @@ def _last_conv(chain: list[gs.Node]) -> tuple[gs.Node, np.ndarray | None]:
 def _batches(ctx: DataContext, model: onnx.ModelProto, names: list[str]):
     """Yield {name: array} per calibration batch from `model` with the named tensors exposed."""
     sess = session(upstream(model, names), optimize=False)
-    fixed = _fixed_batch(model, ctx.samples)
+    fixed = fixed_batch(model, ctx.samples)
     if fixed and len(ctx.samples) < fixed:
         raise LowRankError(
             f"the model's batch is fixed at {fixed}; the calibration data has only "
@@ -183,15 +183,6 @@ def upstream(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     probe.graph.value_info.extend(v for v in graph.value_info if v.name in used)
     probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
     return probe
-
-
-def _fixed_batch(model: onnx.ModelProto, samples: Samples) -> int | None:
-    """The batch size the model's inputs fix (exported with batch 1, say), else None."""
-    for vi in model.graph.input:
-        dims = vi.type.tensor_type.shape.dim
-        if vi.name in samples.arrays and dims and dims[0].dim_value > 0:
-            return dims[0].dim_value
-    return None
 
 
 def layer_batches(ctx: DataContext, source: onnx.ModelProto, x_name: str, y_name: str):

@@ -152,7 +152,12 @@ def validation_line(v: dict[str, Any]) -> str:
     verdict = ""
     if v.get("tolerance") is not None:
         verdict = "  [PASS]" if v.get("passed") else f"  [FAIL: above tolerance {v['tolerance']:g}]"
-    return f"check on {v['samples']} random input(s): " + ", ".join(parts) + verdict
+    if v.get("accuracy_reference") is not None:
+        parts.append(
+            f"accuracy {100 * v['accuracy_reference']:.2f}% -> {100 * v['accuracy_candidate']:.2f}%"
+        )
+    inputs = v.get("inputs", "random")
+    return f"check on {v['samples']} {inputs} input(s): " + ", ".join(parts) + verdict
 
 
 def _rank_text(rank: int | list[int] | None) -> str:

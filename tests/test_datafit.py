@@ -390,3 +390,30 @@ def test_ridge_shrinks_towards_the_prior():
     ridge, held = metrics.cross_validated_ridge([parts], [truth])
     _, held_zero = metrics.cross_validated_ridge([parts])
     assert ridge >= 10 and held < held_zero
+
+
+def test_the_output_check_runs_on_the_real_inputs_when_there_are_some(subspace_data, tmp_path):
+    """A data-fitted model is meant to agree on inputs like the calibration data, not on noise:
+    the check runs on the first 64 calibration samples, or on --data (with accuracy when it
+    has labels), and says which."""
+    from onnx_lowrank.report import validation_line
+    from onnx_lowrank.validate import compare
+
+    path, x = subspace_data
+    out, report = ol.optimize(
+        MODEL, method="channel-svd", rank=4, force=True, calibration=Calibration(path)
+    )
+    v = report.validation
+    assert v["inputs"] == "calibration" and v["samples"] == 64
+    expected = compare(MODEL, out, [{"x": x[:32]}, {"x": x[32:64]}])
+    assert v["max_rel_error"] == pytest.approx(expected["max_rel_error"], rel=1e-6)
+    assert validation_line(v).startswith("check on 64 calibration input(s): ")
+    labels = np.arange(len(x)) % 3
+    np.savez(tmp_path / "eval.npz", x=x[:10], y=labels[:10])
+    out, report = ol.optimize(MODEL, method="channel-svd", rank=4, data=str(tmp_path / "eval.npz"))
+    v = report.validation
+    assert v["inputs"] == "--data" and v["samples"] == 10
+    assert {"accuracy_reference", "accuracy_candidate"} <= set(v)
+    assert "accuracy" in validation_line(v)
+    _, report = ol.optimize(MODEL, method="channel-svd", rank=4)
+    assert report.validation["inputs"] == "random" and report.validation["samples"] == 2
