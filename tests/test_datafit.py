@@ -417,3 +417,16 @@ def test_the_output_check_runs_on_the_real_inputs_when_there_are_some(subspace_d
     assert "accuracy" in validation_line(v)
     _, report = ol.optimize(MODEL, method="channel-svd", rank=4)
     assert report.validation["inputs"] == "random" and report.validation["samples"] == 2
+
+
+def test_the_output_check_feeds_a_fixed_batch_model_one_batch_at_a_time(tmp_path):
+    model = conv_model(W, [1, 16, 8, 8], {"pads": [1, 1, 1, 1]})
+    x = RNG.standard_normal((5, 16, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "eval.npz", x=x)
+    _, report = ol.optimize(model, method="channel-svd", rank=4, data=str(tmp_path / "eval.npz"))
+    assert report.validation["inputs"] == "--data" and report.validation["samples"] == 5
+    from onnx_lowrank.auto import _Quality
+    from onnx_lowrank.config import OptimizeConfig
+
+    config = OptimizeConfig.from_options(data=str(tmp_path / "eval.npz"))
+    assert _Quality(model, config)(model)["output_error"] == 0.0  # the planner's --data check
