@@ -281,7 +281,9 @@ def _check(
     samples), otherwise on `config.check` seeded random inputs."""
     samples, source = None, "random"
     if config.data:
-        samples, source = load_samples(config.data, before, limit=CHECK_SAMPLES), "--data"
+        preprocess = config.calibration.preprocess if config.calibration else None
+        samples = load_samples(config.data, before, preprocess, limit=CHECK_SAMPLES)
+        source = "--data"
     elif data is not None:
         samples, source = data.samples, "calibration"
     if samples is None:

@@ -735,7 +735,8 @@ class _Quality:
     def __init__(self, reference: onnx.ModelProto, config: OptimizeConfig):
         self.reference, self.config, self.samples = reference, config, None
         if config.data:
-            self.samples = load_samples(config.data, reference)
+            preprocess = config.calibration.preprocess if config.calibration else None
+            self.samples = load_samples(config.data, reference, preprocess)
 
     def __call__(self, model) -> dict:
         if self.samples is None:
