@@ -281,8 +281,7 @@ def _check(
     samples), otherwise on `config.check` seeded random inputs."""
     samples, source = None, "random"
     if config.data:
-        preprocess = config.calibration.preprocess if config.calibration else None
-        samples = load_samples(config.data, before, preprocess, limit=CHECK_SAMPLES)
+        samples = load_samples(config.data, before, config.data_preprocess, limit=CHECK_SAMPLES)
         source = "--data"
     elif data is not None:
         samples, source = data.samples, "calibration"

@@ -735,8 +735,7 @@ class _Quality:
     def __init__(self, reference: onnx.ModelProto, config: OptimizeConfig):
         self.reference, self.config, self.samples = reference, config, None
         if config.data:
-            preprocess = config.calibration.preprocess if config.calibration else None
-            self.samples = load_samples(config.data, reference, preprocess)
+            self.samples = load_samples(config.data, reference, config.data_preprocess)
 
     def __call__(self, model) -> dict:
         if self.samples is None:

@@ -335,6 +335,7 @@ def _optimize(args, console: Console) -> int:
         batch=args.batch,
         threads=args.threads,
         data=args.data,
+        preprocess=_preprocess(args),
         max_drop=args.max_drop,
         plan_path=args.plan,
     )

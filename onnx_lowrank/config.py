@@ -124,6 +124,7 @@ class OptimizeConfig:
     batch: int = 1
     threads: int | None = None
     data: str | None = None  # --data: evaluation inputs (labels for --max-drop)
+    preprocess: Preprocess | None = None  # how --data images become inputs (None: defaults)
     max_drop: float | None = None  # accuracy points the plan may lose (with labelled --data)
     plan_path: str | None = None  # apply this saved plan instead of planning
     colors: int | None = None  # monochromatic: C' colour channels
@@ -197,6 +198,13 @@ class OptimizeConfig:
             return RankSpec("error", round((1 - DEFAULT_ENERGY) ** 0.5, 4))
         return RankSpec("energy", DEFAULT_ENERGY)
 
+    @property
+    def data_preprocess(self) -> Preprocess | None:
+        """How --data images are read: `preprocess`, else the calibration's settings."""
+        if self.preprocess is not None:
+            return self.preprocess
+        return self.calibration.preprocess if self.calibration is not None else None
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable dict."""
         out = dataclasses.asdict(self)
@@ -215,12 +223,10 @@ class OptimizeConfig:
             data["rank"] = RankSpec(**data["rank"])
         if isinstance(data.get("calibration"), dict):
             cal = dict(data["calibration"])
-            pre = dict(cal.get("preprocess") or {})
-            for key in ("size", "mean", "std"):
-                if pre.get(key) is not None:
-                    pre[key] = tuple(pre[key])
-            cal["preprocess"] = Preprocess(**pre)
+            cal["preprocess"] = _preprocess_from_dict(cal.get("preprocess") or {})
             data["calibration"] = Calibration(**cal)
+        if isinstance(data.get("preprocess"), dict):
+            data["preprocess"] = _preprocess_from_dict(data["preprocess"])
         if "input_shapes" in data:
             data["input_shapes"] = {k: tuple(v) for k, v in data["input_shapes"].items()}
         if data.get("groups") is not None:
@@ -253,3 +259,11 @@ class OptimizeConfig:
         else:
             spec = None
         return cls(rank=spec, **options)
+
+
+def _preprocess_from_dict(values: dict[str, Any]) -> Preprocess:
+    values = dict(values)
+    for key in ("size", "mean", "std"):
+        if values.get(key) is not None:
+            values[key] = tuple(values[key])
+    return Preprocess(**values)

@@ -231,6 +231,37 @@ def test_image_folder_calibration(tmp_path):
     assert report.records[0].output_error_after is not None
 
 
+def test_data_images_are_read_with_the_preprocess_settings(tmp_path):
+    """--data as an image folder: the output check reads it with --size/--mean/--std/... (the
+    config's `preprocess`), as the calibration images are."""
+    from PIL import Image
+
+    from onnx_lowrank.calibrate import load_samples
+    from onnx_lowrank.validate import compare
+
+    for i in range(4):
+        Image.fromarray(RNG.integers(0, 255, (10, 12, 3), dtype=np.uint8)).save(
+            tmp_path / f"{i}.png"
+        )
+    model = conv_model(RNG.standard_normal((8, 3, 3, 3)).astype(np.float32), ["N", 3, 8, 8])
+    settings = Preprocess(mean=(0.5,), std=(0.25,))
+    config = ol.OptimizeConfig.from_options(
+        method="channel-svd", rank=2, force=True, data=str(tmp_path), preprocess=settings
+    )
+    assert ol.OptimizeConfig.from_dict(config.to_dict()) == config
+    out, report = ol.optimize(model, config)
+    errors = {
+        pre: compare(model, out, [load_samples(str(tmp_path), model, pre).arrays])
+        for pre in (settings, Preprocess())
+    }
+    assert report.validation["max_abs_error"] == pytest.approx(
+        errors[settings]["max_abs_error"], rel=1e-6
+    )
+    assert errors[settings]["max_abs_error"] != pytest.approx(
+        errors[Preprocess()]["max_abs_error"], rel=1e-3
+    )
+
+
 @pytest.mark.parametrize("case", ["name", "shape", "empty", "missing", "kind"])
 def test_calibration_loading_errors_are_one_sentence(case, tmp_path):
     if case == "name":
