@@ -13,7 +13,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .assemble import assemble, tag_origins
-from .calibrate import fixed_batch, load_samples
+from .calibrate import Samples, fixed_batch, load_samples
 from .config import NO_ENERGY, OptimizeConfig
 from .cost import model_macs
 from .datafit import DataContext, fit_layer, refit_kept
@@ -65,6 +65,7 @@ def optimize(
         cal = config.calibration
         samples = load_samples(cal.path, pinned, cal.preprocess, limit=cal.size)
         data = DataContext(pinned, samples, cal, config.seed)
+    check_inputs = _check_inputs(pinned, config, data) if config.check else (None, "random")
     plan = None
     if config.method == "auto" or config.plan_path:
         from .auto import run_planner
@@ -75,7 +76,7 @@ def optimize(
     report = Report(records=records, config=config.to_dict(), plan=plan)
     report.totals = _totals(pinned, result)
     if config.check:
-        report.validation = _check(pinned, result, config, data)
+        report.validation = _check(pinned, result, config, *check_inputs)
     if output is not None:
         save_model(result, output, external=external or external_data)
         report.totals["file_bytes_after"] = os.path.getsize(output)
@@ -270,25 +271,31 @@ def _size(model: onnx.ModelProto) -> int:
         return weight_bytes(model)
 
 
+def _check_inputs(
+    model: onnx.ModelProto, config: OptimizeConfig, data: DataContext | None
+) -> tuple[Samples | None, str]:
+    """The real inputs the output check runs on, read before any work (a bad --data path ends
+    the run at once): the first CHECK_SAMPLES of --data, else of the calibration samples."""
+    if config.data:
+        samples = load_samples(config.data, model, config.data_preprocess, limit=CHECK_SAMPLES)
+        return samples, "--data"
+    if data is not None:
+        return data.samples.head(CHECK_SAMPLES), "calibration"
+    return None, "random"
+
+
 def _check(
     before: onnx.ModelProto,
     after: onnx.ModelProto,
     config: OptimizeConfig,
-    data: DataContext | None = None,
+    samples: Samples | None,
+    source: str,
 ) -> dict:
-    """The new model's outputs against the original's: on real inputs when there are some (the
-    first CHECK_SAMPLES of --data, with accuracy when it has labels, else of the calibration
-    samples), otherwise on `config.check` seeded random inputs."""
-    samples, source = None, "random"
-    if config.data:
-        samples = load_samples(config.data, before, config.data_preprocess, limit=CHECK_SAMPLES)
-        source = "--data"
-    elif data is not None:
-        samples, source = data.samples, "calibration"
+    """The new model's outputs against the original's, on `samples` (with accuracy when they
+    have labels) or, without them, on `config.check` seeded random inputs."""
     if samples is None:
         feeds, labels = random_inputs(before, config.check, seed=config.seed), None
     else:
-        samples = samples.head(CHECK_SAMPLES)
         feeds, labels = list(samples.batches(fixed_batch(before, samples) or 32)), samples.labels
     result = compare(before, after, feeds, labels, provider=config.provider)
     result["inputs"] = source

@@ -461,3 +461,12 @@ def test_the_output_check_feeds_a_fixed_batch_model_one_batch_at_a_time(tmp_path
 
     config = OptimizeConfig.from_options(data=str(tmp_path / "eval.npz"))
     assert _Quality(model, config)(model)["output_error"] == 0.0  # the planner's --data check
+
+
+def test_a_bad_check_input_path_ends_the_run_before_any_work(tmp_path, monkeypatch):
+    def no_work(*args, **kwargs):
+        raise AssertionError("the model was factored before --data was read")
+
+    monkeypatch.setattr("onnx_lowrank.api.build", no_work)
+    with pytest.raises(ol.LowRankError, match="no such file"):
+        ol.optimize(MODEL, method="channel-svd", rank=4, data=str(tmp_path / "missing.npz"))
