@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from .api import inspect, optimize
-from .config import OptimizeConfig, RankSpec
+from .config import Calibration, OptimizeConfig, Preprocess, RankSpec
 from .errors import LowRankError
 from .report import LayerRecord, Report
 
 __all__ = [
+    "Calibration",
     "LayerRecord",
     "LowRankError",
     "OptimizeConfig",
+    "Preprocess",
     "RankSpec",
     "Report",
     "inspect",

@@ -432,7 +432,7 @@ def test_the_output_check_runs_on_the_real_inputs_when_there_are_some(subspace_d
 
     path, x = subspace_data
     out, report = ol.optimize(
-        MODEL, method="channel-svd", rank=4, force=True, calibration=Calibration(path)
+        MODEL, method="channel-svd", rank=4, force=True, calibration=ol.Calibration(path)
     )
     v = report.validation
     assert v["inputs"] == "calibration" and v["samples"] == 64
