@@ -65,18 +65,20 @@ def optimize(
         cal = config.calibration
         samples = load_samples(cal.path, pinned, cal.preprocess, limit=cal.size)
         data = DataContext(pinned, samples, cal, config.seed)
-    check_inputs = _check_inputs(pinned, config, data) if config.check else (None, "random")
+    evaluation = None  # --data, read before any work: a bad path or shape ends the run at once
+    if config.data and (config.check or config.method == "auto"):
+        evaluation = load_samples(config.data, pinned, config.data_preprocess)
     plan = None
     if config.method == "auto" or config.plan_path:
         from .auto import run_planner
 
-        plan, (result, records) = run_planner(pinned, config, data, build)
+        plan, (result, records) = run_planner(pinned, config, data, build, evaluation)
     else:
         result, records = build(pinned, config, data)
     report = Report(records=records, config=config.to_dict(), plan=plan)
     report.totals = _totals(pinned, result)
     if config.check:
-        report.validation = _check(pinned, result, config, *check_inputs)
+        report.validation = _check(pinned, result, config, *_check_inputs(data, evaluation))
     if output is not None:
         save_model(result, output, external=external or external_data)
         report.totals["file_bytes_after"] = os.path.getsize(output)
@@ -272,13 +274,12 @@ def _size(model: onnx.ModelProto) -> int:
 
 
 def _check_inputs(
-    model: onnx.ModelProto, config: OptimizeConfig, data: DataContext | None
+    data: DataContext | None, evaluation: Samples | None
 ) -> tuple[Samples | None, str]:
-    """The real inputs the output check runs on, read before any work (a bad --data path ends
-    the run at once): the first CHECK_SAMPLES of --data, else of the calibration samples."""
-    if config.data:
-        samples = load_samples(config.data, model, config.data_preprocess, limit=CHECK_SAMPLES)
-        return samples, "--data"
+    """The real inputs the output check runs on: the first CHECK_SAMPLES of --data, else of
+    the calibration samples; none (random inputs) without either."""
+    if evaluation is not None:
+        return evaluation.head(CHECK_SAMPLES), "--data"
     if data is not None:
         return data.samples.head(CHECK_SAMPLES), "calibration"
     return None, "random"

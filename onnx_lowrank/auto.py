@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 
 from .bench import bench
-from .calibrate import fixed_batch, load_samples
+from .calibrate import Samples, fixed_batch
 from .config import CLUSTERED, OptimizeConfig
 from .datafit import DataContext, input_patches, patch_moments, patch_output_error
 from .decompose.monochromatic import nearest_divisor
@@ -628,9 +628,12 @@ def measure_speedup(
     return timed([original, optimized], config, runs, feeds)["speedup"]
 
 
-def run_planner(pinned: onnx.ModelProto, config: OptimizeConfig, data, build):
+def run_planner(
+    pinned: onnx.ModelProto, config: OptimizeConfig, data, build, evaluation: Samples | None = None
+):
     """Plan (or load `config.plan_path`) and build the model; returns (plan, (model, records)).
-    With calibration data, every timing and profile runs on calibration inputs."""
+    With calibration data, every timing and profile runs on calibration inputs; `evaluation`
+    (--data, read by the caller) gives the quality of each measured plan."""
     feeds = timing_feeds(data, config)
     feed = feeds[0] if feeds else None
 
@@ -654,7 +657,7 @@ def run_planner(pinned: onnx.ModelProto, config: OptimizeConfig, data, build):
     names = [layer.node for layer in layers]
     original = profiled(pinned)  # for the prediction and the report
     scaled = _scale_to_model(layers, original, baseline)
-    quality = _Quality(pinned, config)
+    quality = _Quality(pinned, config, evaluation)
 
     def evaluate(model):
         return {"speedup": measure_speedup(pinned, model, config, runs, feeds), **quality(model)}
@@ -732,10 +735,8 @@ def _scale_to_model(layers: list[LayerPlan], original: tuple, baseline_ms: float
 class _Quality:
     """Accuracy drop (points, with labels) and max relative output error on --data."""
 
-    def __init__(self, reference: onnx.ModelProto, config: OptimizeConfig):
-        self.reference, self.config, self.samples = reference, config, None
-        if config.data:
-            self.samples = load_samples(config.data, reference, config.data_preprocess)
+    def __init__(self, reference: onnx.ModelProto, config: OptimizeConfig, samples: Samples | None):
+        self.reference, self.config, self.samples = reference, config, samples
 
     def __call__(self, model) -> dict:
         if self.samples is None:

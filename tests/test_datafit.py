@@ -457,10 +457,12 @@ def test_the_output_check_feeds_a_fixed_batch_model_one_batch_at_a_time(tmp_path
     _, report = ol.optimize(model, method="channel-svd", rank=4, data=str(tmp_path / "eval.npz"))
     assert report.validation["inputs"] == "--data" and report.validation["samples"] == 5
     from onnx_lowrank.auto import _Quality
+    from onnx_lowrank.calibrate import load_samples
     from onnx_lowrank.config import OptimizeConfig
 
     config = OptimizeConfig.from_options(data=str(tmp_path / "eval.npz"))
-    assert _Quality(model, config)(model)["output_error"] == 0.0  # the planner's --data check
+    samples = load_samples(config.data, model)
+    assert _Quality(model, config, samples)(model)["output_error"] == 0.0  # the planner's check
 
 
 def test_a_bad_check_input_path_ends_the_run_before_any_work(tmp_path, monkeypatch):
