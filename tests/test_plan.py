@@ -135,9 +135,22 @@ def test_the_streaming_curve_is_linear_between_its_points_and_beyond_the_last():
     assert curve.describe() == "0 ms at 1 MB, 0.05 at 2, 0.15 at 4"
 
 
-def _data_context(model, x):
-    calibration = Calibration("cal.npz", size=len(x), fit="data", whiten=True)
+def _data_context(model, x, whiten=True):
+    calibration = Calibration("cal.npz", size=len(x), fit="data", whiten=whiten)
     return DataContext(model, Samples({"x": x}), calibration)
+
+
+def _one_channel_case(tmp_path, monkeypatch):
+    """A 16x8x3x3 conv whose calibration inputs are constant over space on channel 0 only, a
+    2x speedup config and a throwaway latency table (caches under tmp_path)."""
+    monkeypatch.setattr("onnx_lowrank.auto.CACHE_DIR", str(tmp_path))
+    rng = np.random.default_rng(4)
+    weight = rng.standard_normal((16, 8, 3, 3)).astype(np.float32)
+    model = conv_model(weight, [1, 8, 12, 12])
+    x = np.zeros((8, 8, 12, 12), np.float32)
+    x[:, 0] = rng.standard_normal((8, 1, 1))
+    config = OptimizeConfig.from_options(method="auto", speedup=2.0)
+    return model, x, config, LatencyTable("cpu", cache_dir=str(tmp_path), runs=2)
 
 
 def test_patch_output_error_is_the_output_error_onnxruntime_measures():
@@ -159,14 +172,7 @@ def test_patch_output_error_is_the_output_error_onnxruntime_measures():
 def test_planner_errors_follow_the_calibration_data(tmp_path, monkeypatch):
     """Inputs that are constant over space on one channel: every rank of a whitened fit
     reproduces the outputs, so its data errors are ~0 where the weight errors are large."""
-    monkeypatch.setattr("onnx_lowrank.auto.CACHE_DIR", str(tmp_path))
-    rng = np.random.default_rng(4)
-    weight = rng.standard_normal((16, 8, 3, 3)).astype(np.float32)
-    model = conv_model(weight, [1, 8, 12, 12])
-    x = np.zeros((8, 8, 12, 12), np.float32)
-    x[:, 0] = rng.standard_normal((8, 1, 1))
-    config = OptimizeConfig.from_options(method="auto", speedup=2.0)
-    table = LatencyTable("cpu", cache_dir=str(tmp_path), runs=2)
+    model, x, config, table = _one_channel_case(tmp_path, monkeypatch)
     by_weights = layer_options(model, config, table, workers=1)[0].options[1:]
     by_data = layer_options(model, config, table, workers=1, data=_data_context(model, x))
     by_data = by_data[0].options[1:]
@@ -182,18 +188,10 @@ def test_planner_whitens_the_chains_that_open_with_a_1x1_conv(tmp_path, monkeypa
     (far below the plain fits' on inputs that use one channel), as the build computes them."""
     import onnx_lowrank as ol
 
-    monkeypatch.setattr("onnx_lowrank.auto.CACHE_DIR", str(tmp_path))
-    rng = np.random.default_rng(4)
-    weight = rng.standard_normal((16, 8, 3, 3)).astype(np.float32)
-    model = conv_model(weight, [1, 8, 12, 12])
-    x = np.zeros((8, 8, 12, 12), np.float32)
-    x[:, 0] = rng.standard_normal((8, 1, 1))
-    config = OptimizeConfig.from_options(method="auto", speedup=2.0)
-    table = LatencyTable("cpu", cache_dir=str(tmp_path), runs=2)
+    model, x, config, table = _one_channel_case(tmp_path, monkeypatch)
     plans = {}
     for whiten in (False, True):
-        calibration = Calibration("cal.npz", size=len(x), fit="data", whiten=whiten)
-        data = DataContext(model, Samples({"x": x}), calibration)
+        data = _data_context(model, x, whiten)
         options = layer_options(model, config, table, workers=1, data=data)[0].options[1:]
         plans[whiten] = {(o.method, tuple(o.rank)): o.error for o in options}
     pointwise = [k for k in plans[True] if k[0] in ("tucker2", "cp")]
