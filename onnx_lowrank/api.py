@@ -67,7 +67,8 @@ def optimize(
         data = DataContext(pinned, samples, cal, config.seed)
     evaluation = None  # --data, read before any work: a bad path or shape ends the run at once
     if config.data and (config.check or config.method == "auto"):
-        evaluation = load_samples(config.data, pinned, config.data_preprocess)
+        limit = None if config.method == "auto" else CHECK_SAMPLES  # the check needs no more
+        evaluation = load_samples(config.data, pinned, config.data_preprocess, limit=limit)
     plan = None
     if config.method == "auto" or config.plan_path:
         from .auto import run_planner
