@@ -14,7 +14,9 @@ thread): it shows what a rank cut buys in latency, which is what turns a fit's a
 speedup. Calibration: crops from the training fonts (seed 2024) unless said, accuracy on
 samples/charnet/test.npz (unseen fonts).
 
-    OPENBLAS_NUM_THREADS=1 python benchmarks/plan_fits.py        # about 15 minutes
+    OPENBLAS_NUM_THREADS=1 python benchmarks/plan_fits.py        # about 15-25 minutes
+
+A rerun keeps the file's earlier runs: the run it replaces moves under `earlier_<machine>`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import onnx
 
 from onnx_lowrank.bench import bench
 from onnx_lowrank.config import Calibration
+from onnx_lowrank.latency import machine_id
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from accuracy import RESULTS, ROOT, accuracy, build_choices, calibration_file, model_path  # noqa: E402
@@ -91,6 +94,33 @@ FITS = {  # label: (calibration crops, calibration options[, fonts]); None: no c
 RUNS = {1: 2000, 32: 150}  # timed runs per model at batch 1 and 32
 
 
+def simd() -> str:
+    """The widest x86 vector extension the CPU reports: onnxruntime's NCHWc convs block
+    channels by 16 with AVX-512 and by 8 with AVX2, which moves which ranks run fast."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            lines = [line for line in f if line.startswith("flags")]
+        flags = lines[0].split(":", 1)[1].split() if lines else []
+    except OSError:
+        return "unknown"
+    return next((x for x in ("avx512f", "avx2", "avx") if x in flags), "other")
+
+
+def with_earlier_runs(result: dict, path: str) -> dict:
+    """`result` followed by the runs already in `path`: the file's current run moves under
+    `earlier_<its machine>` (timings differ between CPUs; the drops do not)."""
+    if not os.path.exists(path):
+        return result
+    with open(path, encoding="utf-8") as f:
+        old = json.load(f)
+    earlier = {k: v for k, v in old.items() if k.startswith("earlier")}
+    previous = {k: v for k, v in old.items() if not k.startswith("earlier")}
+    key = "earlier_" + previous.get("machine", "unrecorded machine").replace(" ", "_")
+    while key in earlier:
+        key += "_"
+    return {**result, key: previous, **earlier}
+
+
 def best_within(rows: list[dict], fit: str, points: float = 1.0) -> dict | None:
     """The plan with the highest batch-1 speedup whose `fit` drop is at most `points`."""
     ok = [r for r in rows if r[fit] <= points]
@@ -141,18 +171,18 @@ def main() -> int:
         if best:
             print(f"fastest plan within 1 point, {fit}: {best['plan']} {best['speedup_b1']:.2f}x")
     out = os.path.join(RESULTS, "plan_fits.json")
-    with open(out, "w") as f:
-        json.dump(
-            {
-                "reference": reference,
-                "calibration": "512 (or 2048) training-font crops",
-                "timing": timing,
-                "rows": rows,
-                "fastest_within_1_point": verdict,
-            },
-            f,
-            indent=1,
-        )
+    result = {
+        "reference": reference,
+        "machine": f"{machine_id()}|{simd()}",
+        "command": "OPENBLAS_NUM_THREADS=1 python benchmarks/plan_fits.py",
+        "calibration": "512 (or 2048) training-font crops",
+        "timing": timing,
+        "rows": rows,
+        "fastest_within_1_point": verdict,
+    }
+    with open(out + ".tmp", "w") as f:
+        json.dump(with_earlier_runs(result, out), f, indent=1)
+    os.replace(out + ".tmp", out)
     print(f"wrote {out}")
     return 0
 
