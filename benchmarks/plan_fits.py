@@ -94,18 +94,6 @@ FITS = {  # label: (calibration crops, calibration options[, fonts]); None: no c
 RUNS = {1: 2000, 32: 150}  # timed runs per model at batch 1 and 32
 
 
-def simd() -> str:
-    """The widest x86 vector extension the CPU reports: onnxruntime's NCHWc convs block
-    channels by 16 with AVX-512 and by 8 with AVX2, which moves which ranks run fast."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            lines = [line for line in f if line.startswith("flags")]
-        flags = lines[0].split(":", 1)[1].split() if lines else []
-    except OSError:
-        return "unknown"
-    return next((x for x in ("avx512f", "avx2", "avx") if x in flags), "other")
-
-
 def with_earlier_runs(result: dict, path: str) -> dict:
     """`result` followed by the runs already in `path`: the file's current run moves under
     `earlier_<its machine>` (timings differ between CPUs; the drops do not)."""
@@ -173,7 +161,7 @@ def main() -> int:
     out = os.path.join(RESULTS, "plan_fits.json")
     result = {
         "reference": reference,
-        "machine": f"{machine_id()}|{simd()}",
+        "machine": machine_id(),
         "command": "OPENBLAS_NUM_THREADS=1 python benchmarks/plan_fits.py",
         "calibration": "512 (or 2048) training-font crops",
         "timing": timing,

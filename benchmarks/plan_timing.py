@@ -27,7 +27,7 @@ from onnx_lowrank.latency import machine_id
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from accuracy import RESULTS, build_choices, model_path  # noqa: E402
-from plan_fits import FITS, PLANS, simd  # noqa: E402
+from plan_fits import FITS, PLANS  # noqa: E402
 
 RUNS = {1: 1000, 32: 100}
 BAR = 1.5  # issue 6: the data-aware fit allows at least 1.5x the weight-only speedup
@@ -79,7 +79,7 @@ def main() -> int:
     with open(out, "w", encoding="utf-8") as f:
         json.dump(
             {
-                "machine": f"{machine_id()}|{simd()}",
+                "machine": machine_id(),
                 "command": f"OPENBLAS_NUM_THREADS=1 python benchmarks/plan_timing.py "
                 f"--rounds {args.rounds}",
                 "runs_per_round": {f"b{b}": n for b, n in RUNS.items()},

@@ -5,8 +5,8 @@ below their FLOP share in onnxruntime, and CPU and CUDA differ. So each candidat
 as a small onnxruntime model of the layer's real shapes (random weights; the sum of its kernels'
 times in onnxruntime's profile, not the call's wall time), and the median is kept
 in a JSON table under ~/.cache/onnx-lowrank/, keyed by the op shapes, the input shape, the batch
-and threads; the file is per machine, provider and onnxruntime version, so a change of any of
-them starts a new table.
+and threads; the file is per machine (CPU model and vector extension, cores), provider and
+onnxruntime version, so a change of any of them starts a new table.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from .cost import ConvShape
 from .profile import kernel_times
 
 CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "onnx-lowrank")
+CPUINFO = "/proc/cpuinfo"
 EDGE_KERNELS = ("ReorderInput", "ReorderOutput")  # layout changes at a one-layer model's edges
 FLOAT_BYTES = 4  # weights are timed, and factored weights written, as float32
 # the weight-streaming curve: 16 MatMuls sharing one weight or with one each, at these totals
@@ -43,14 +44,22 @@ class MatMulShape:
 
 
 def machine_id() -> str:
-    """What the timings depend on besides the provider: CPU model, core count, ORT version."""
-    cpu = platform.processor() or platform.machine()
+    """What the timings depend on besides the provider: CPU model, core count, ORT version,
+    and the widest x86 vector extension the CPU offers. onnxruntime's NCHWc convs block
+    channels by 16 with AVX-512 and by 8 with AVX2, which moves which ranks run fast, and a
+    virtual machine's model name ("AMD EPYC") need not tell the two apart."""
+    fields: dict[str, str] = {}
     try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if "model name" in line), cpu)
+        with open(CPUINFO, encoding="utf-8") as f:
+            for line in f:  # the first processor's fields
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return f"{cpu}|{os.cpu_count()}|onnxruntime {ort.__version__}"
+    cpu = fields.get("model name") or platform.processor() or platform.machine()
+    flags = fields.get("flags", "").split()
+    simd = next((x for x in ("avx512f", "avx2", "avx") if x in flags), "other")
+    return f"{cpu}|{os.cpu_count()}|onnxruntime {ort.__version__}|{simd}"
 
 
 def chain_model(ops: list, in_shape: tuple[int, ...], seed: int = 0) -> onnx.ModelProto:

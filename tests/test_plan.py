@@ -92,6 +92,20 @@ def test_latency_cache_is_reused_and_keyed_by_provider_and_version(tmp_path, mon
     assert cuda.path != again.path
 
 
+def test_latency_cache_tells_avx2_from_avx512_under_one_model_name(tmp_path, monkeypatch):
+    """Virtual machines may report the same CPU model name with different vector extensions;
+    onnxruntime's convs run differently on them, so they must not share a latency table."""
+    paths = []
+    for flags in ("fpu sse2 avx avx2 fma", "fpu sse2 avx avx2 fma avx512f avx512bw"):
+        info = tmp_path / f"cpuinfo-{len(paths)}"
+        info.write_text(f"processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: {flags}\n")
+        monkeypatch.setattr("onnx_lowrank.latency.CPUINFO", str(info))
+        table = LatencyTable("cpu", cache_dir=str(tmp_path), runs=3)
+        assert table.machine.startswith("AMD EPYC|")
+        paths.append(table.path)
+    assert paths[0] != paths[1]
+
+
 def test_weight_streaming_curve_is_measured_once_per_machine(tmp_path, monkeypatch):
     """The cost of weights that do not stay in the cache, by their total: more weights, same
     arithmetic, timed side by side at each size; cached with the chain timings, keyed by
