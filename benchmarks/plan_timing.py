@@ -9,7 +9,7 @@ and per round takes each fit's fastest plan within 1 point and its ratio to weig
 It prints the median and the range of those ratios over the rounds, at batch 1 and 32, one
 thread, and writes results/plan_timing.json. Run plan_fits.py first (on this machine).
 
-    OPENBLAS_NUM_THREADS=1 python benchmarks/plan_timing.py [--rounds 7]     # about 5 minutes
+    OPENBLAS_NUM_THREADS=1 python benchmarks/plan_timing.py [--rounds 7]     # about 3 minutes
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ def main() -> int:
     rounds = {f"b{batch}": [] for batch in RUNS}
     for i in range(args.rounds):
         for batch, runs in RUNS.items():
-            medians = bench([model, *architectures], runs=runs, warmup=10, threads=1, batch=batch)
-            medians = medians["median_ms"]
+            timed = bench([model, *architectures], runs=runs, warmup=10, threads=1, batch=batch)
+            medians = timed["median_ms"]
             speedups = {r["plan"]: medians[0] / ms for r, ms in zip(rows, medians[1:])}
             best = {}
             for fit in FITS:
@@ -62,18 +62,17 @@ def main() -> int:
         for key, results in rounds.items():
             ratios = [r["best"][fit]["over_weights"] for r in results]
             plans = sorted({r["best"][fit]["plan"] for r in results})
-            summary.setdefault(fit, {})[key] = {
+            s = summary.setdefault(fit, {})[key] = {
                 "median_over_weights": statistics.median(ratios),
                 "min": min(ratios),
                 "max": max(ratios),
                 "rounds_at_bar": sum(x >= BAR for x in ratios),
                 "plans": plans,
             }
-            span = f"{min(ratios):.2f}-{max(ratios):.2f}"
-            hits = sum(x >= BAR for x in ratios)
+            span = f"{s['min']:.2f}-{s['max']:.2f}"
             print(
-                f"{fit:<30}{key:>6}{statistics.median(ratios):>14.2f}{span:>14}"
-                f"  {hits}/{len(ratios)}, {' / '.join(plans)}"
+                f"{fit:<30}{key:>6}{s['median_over_weights']:>14.2f}{span:>14}"
+                f"  {s['rounds_at_bar']}/{len(ratios)}, {' / '.join(plans)}"
             )
     out = os.path.join(RESULTS, "plan_timing.json")
     with open(out, "w", encoding="utf-8") as f:
